@@ -1,0 +1,143 @@
+"""Hyperparameters: plain YAML mapped to a plain dataclass.
+
+EasyEdit's R-ROME YAML files load unchanged: same keys, same meanings. A few keys that are
+vestigial there are accepted and ignored with a note; an unknown key is an error that names the
+nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VARIANTS = ("r-rome", "rome", "p-rome")
+# Keys EasyEdit reads but that do nothing for us: the device comes from --devices, the loss is
+# always read at the LM head, and sharding comes from the device map.
+IGNORED_KEYS = {
+    "v_loss_layer": "the value loss is always read at the output head",
+    "device": "use --devices",
+    "model_parallel": "use --devices 0,1 (accelerate device map)",
+    "fp16": "use --fp16 / --bf16",
+    "alg_name": "rrome always runs R-ROME (choose --variant for rome / p-rome)",
+    "model_name": "use --model",
+    "attn_module_tmp": "not needed by R-ROME",
+    "mom2_dataset": "use --corpus (rrome stats)",
+    "enable_prompt_keys": "use variant: p-rome",
+    "enable_random_prefix_keys": "use variant: r-rome",
+    "original_implementation": "use variant: rome",
+}
+
+
+class HParamsError(ValueError):
+    """A bad hyperparameter file or value; the message names the file and the key."""
+
+
+@dataclass
+class HParams:
+    layers: list[int] = field(default_factory=lambda: [5])
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    # Early stop: "loss" stops when the total loss < v_stop_loss (ROME); "target" also stops
+    # as soon as every templated prompt gives the target a mean probability >= v_stop_prob.
+    v_stop: str = "loss"
+    v_stop_loss: float = 5e-2
+    v_stop_prob: float = 0.9
+    mom2_adjustment: bool = True
+    mom2_n_samples: int = 100_000  # token budget of the statistics pass
+    mom2_dtype: str = "float32"
+    mom2_ridge: float = 1e-6  # lambda = mom2_ridge * mean(diag C), for the Cholesky solve
+    context_template_length_params: list[list[int]] = field(
+        default_factory=lambda: [[5, 10], [10, 10]]
+    )
+    variant: str = "r-rome"
+    stats_dir: str | None = None
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+    mlp_module_tmp: str | None = None
+    ln_f_module: str | None = None
+    lm_head_module: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise HParamsError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.fact_token != "subject_last":
+            raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
+        if self.v_stop not in ("loss", "target"):
+            raise HParamsError(f"v_stop must be 'loss' or 'target', got {self.v_stop!r}")
+        if not self.layers:
+            raise HParamsError("layers must name at least one layer")
+
+    def module_overrides(self) -> dict[str, str | None]:
+        keys = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "ln_f_module",
+                "lm_head_module")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
+    """YAML reads ``5e-1`` as a string; numbers are coerced to the field's type."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise HParamsError(f"{where}: {name} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise HParamsError(f"{where}: {name} must be a number, got {value!r}") from None
+        if isinstance(default, int) and number.is_integer():
+            return int(number)
+        return number
+    return value
+
+
+def from_dict(raw: dict[str, Any], where: str = "<hparams>") -> HParams:
+    known = {f.name: f for f in fields(HParams)}
+    defaults = HParams()
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in IGNORED_KEYS:
+            warnings.warn(f"{where}: ignoring {name!r} ({IGNORED_KEYS[name]})", stacklevel=2)
+            continue
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise HParamsError(f"{where}: unknown key {name!r}{hint}")
+        values[name] = _coerce(name, value, getattr(defaults, name), where)
+    try:
+        return HParams(**values)
+    except HParamsError as err:
+        raise HParamsError(f"{where}: {err}") from None
+
+
+def load_hparams(path: str | Path) -> HParams:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise HParamsError(f"{path}: cannot read hparams: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise HParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise HParamsError(f"{path}: expected a mapping of keys to values")
+    return from_dict(raw, where=str(path))
+
+
+def shipped_hparams(name: str) -> Path:
+    """The YAML shipped for a model alias (``hparams/<alias>.yaml``)."""
+    path = Path(str(resources.files("rrome_cli") / "hparams" / f"{name}.yaml"))
+    if not path.exists():
+        raise HParamsError(f"no shipped hparams for {name!r}; pass --hparams FILE")
+    return path

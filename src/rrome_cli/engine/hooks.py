@@ -1,0 +1,63 @@
+"""Forward hooks shared by the key, value and statistics passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a hook to end a forward pass once the layer we need has run."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Abort the forward right after ``module`` runs: no compute is spent above it.
+
+    Use as ``with stop_after(layer): run_forward()``; the StopForward is swallowed here.
+    """
+
+    def hook(_mod: nn.Module, _inp: Any, _out: Any) -> None:
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_input(module: nn.Module, sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``sink`` with the first positional input of ``module`` on each forward."""
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        sink(args[0])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace ``module``'s output (a tensor, or the first item of a tuple) by ``fn(output)``."""
+
+    def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

