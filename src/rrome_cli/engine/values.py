@@ -1,0 +1,227 @@
+"""The value v*: optimise delta, added to the MLP output at the subject's last token.
+
+Loss = mean NLL of the target over all templated prompts (teacher forcing)
+     + kl_factor * KL(edited || unedited) of the next token after the subject in "{subject} is a"
+     + v_weight_decay * ||delta|| / ||z||^2          (z: the unedited MLP output, bare prompt)
+Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each step.
+
+Nothing below layer l, nor at positions before the subject's last token, depends on delta. So
+each prompt is split at its subject's last token: the prefix runs once per edit into a KV cache,
+and each optimisation step runs only the short suffix (subject token, rest of prompt, target).
+Logits are computed only where the loss reads them, in fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from rrome_cli.config import HParams
+from rrome_cli.engine.hooks import edit_output
+from rrome_cli.engine.keys import Templated, pad_id
+from rrome_cli.engine.positions import answer_tokens, subject_last_token, tokenise
+from rrome_cli.models.families import ModuleNames
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor  # (d_out,) fp32 on the MLP's device
+    z: torch.Tensor  # (d_out,) unedited MLP output at the subject's last token (bare prompt)
+    loss: float
+    nll: float
+    target_prob: float  # mean over prompts of the mean target-token probability
+    steps: int
+    seconds: float
+
+
+@dataclass
+class Batch:
+    """Prompts split at the subject's last token; the suffix starts at column ``width_prefix``."""
+
+    prefix_ids: torch.Tensor  # (B, P) right-padded
+    prefix_mask: torch.Tensor  # (B, P)
+    suffix_ids: torch.Tensor  # (B, S) right-padded; column 0 is the subject's last token
+    suffix_mask: torch.Tensor  # (B, S)
+    suffix_pos: torch.Tensor  # (B, S) true positions of the suffix tokens
+    target_rows: torch.Tensor  # (T,) row of each target token to predict
+    target_cols: torch.Tensor  # (T,) suffix column whose logits predict it
+    target_ids: torch.Tensor  # (T,)
+    n_rewrite: int  # rows 0..n_rewrite-1 are rewriting prompts; the last row is the KL prompt
+
+
+def build_batch(
+    tok: PreTrainedTokenizerBase,
+    prompts: list[Templated],
+    target: str,
+    subject: str,
+    device: torch.device,
+) -> Batch:
+    rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, subject last index)
+    targets: list[tuple[int, int, int]] = []  # (row, index of the token, token id)
+    for r, p in enumerate(prompts):
+        full = tokenise(tok, f"{p.text} {target}")
+        answer = answer_tokens(full, len(p.text))
+        s = subject_last_token(full, p.subject_end)
+        rows.append((full.ids[: answer[-1]], s))  # teacher forcing: the last target token is not fed
+        targets += [(r, j, full.ids[j]) for j in answer]
+    kl = tokenise(tok, KL_TEMPLATE.replace("{}", subject))
+    rows.append((kl.ids, subject_last_token(kl, len(subject))))
+    width_p = max(s for _, s in rows)
+    width_s = max(len(ids) - s for ids, s in rows)
+    pad = pad_id(tok)
+    prefix_ids = torch.full((len(rows), width_p), pad, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefix_ids)
+    suffix_ids = torch.full((len(rows), width_s), pad, dtype=torch.long)
+    suffix_mask = torch.zeros_like(suffix_ids)
+    suffix_pos = torch.zeros_like(suffix_ids)
+    for r, (ids, s) in enumerate(rows):
+        prefix_ids[r, :s] = torch.tensor(ids[:s], dtype=torch.long)
+        prefix_mask[r, :s] = 1
+        suffix_ids[r, : len(ids) - s] = torch.tensor(ids[s:], dtype=torch.long)
+        suffix_mask[r, : len(ids) - s] = 1
+        suffix_pos[r] = torch.arange(s, s + width_s)
+    t_rows = torch.tensor([r for r, _, _ in targets])
+    t_cols = torch.tensor([j - 1 - rows[r][1] for r, j, _ in targets])
+    t_ids = torch.tensor([t for _, _, t in targets])
+    to = {"device": device}
+    return Batch(
+        prefix_ids.to(**to), prefix_mask.to(**to), suffix_ids.to(**to), suffix_mask.to(**to),
+        suffix_pos.to(**to), t_rows.to(**to), t_cols.to(**to), t_ids.to(**to), len(prompts),
+    )
+
+
+@contextmanager
+def frozen(model: PreTrainedModel) -> Iterator[None]:
+    """No gradients for the weights: backward computes d loss / d delta only."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class SuffixRunner:
+    """Runs the suffix of every prompt on top of a once-computed prefix KV cache."""
+
+    def __init__(self, model: PreTrainedModel, batch: Batch) -> None:
+        self.model, self.batch = model, batch
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        self.cache = DynamicCache()  # plain layers: our prompts are far shorter than any window
+        if batch.prefix_ids.shape[1] > 0:
+            # A row whose prefix is empty would be fully masked (NaN attention); let it see its
+            # first slot here only. The suffix pass masks that slot, so nothing reads it.
+            mask = batch.prefix_mask.clone()
+            mask[mask.sum(1) == 0, 0] = 1
+            with torch.no_grad():
+                self.base(
+                    input_ids=batch.prefix_ids, attention_mask=mask, cache=self.cache,
+                    use_cache=True,
+                )
+        # The prefix keys and values of every layer, put back after each suffix pass.
+        self.prefix_kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+        self.prefix_len = batch.prefix_ids.shape[1]
+        self.mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def hidden(self) -> torch.Tensor:
+        """Final hidden states of the suffix tokens: (B, S, d)."""
+        b = self.batch
+        out = self.base(
+            input_ids=b.suffix_ids, attention_mask=self.mask, position_ids=b.suffix_pos,
+            cache=self.cache, use_cache=True,
+        )
+        for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv):
+            layer.keys, layer.values = keys, values  # drop the suffix; reuse the prefix
+        return out.last_hidden_state
+
+    def log_probs(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """fp32 log-softmax of the logits at (rows, cols) only: (N, vocab)."""
+        h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+        logits = self.head(h.to(self.head.weight.device)).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return F.log_softmax(logits, dim=-1)
+
+
+def _nll_per_prompt(logp_targets: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean NLL of the target tokens of each rewriting prompt: (n_rewrite,)."""
+    rows = batch.target_rows.to(logp_targets.device)
+    total = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(0, rows, -logp_targets)
+    count = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(
+        0, rows, torch.ones_like(logp_targets)
+    )
+    return total / count
+
+
+def optimise_delta(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    layer: int,
+    prompts: list[Templated],
+    target: str,
+    subject: str,
+    hp: HParams,
+) -> ValueResult:
+    """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}")."""
+    start = time.perf_counter()
+    mlp = model.get_submodule(names.mlp(layer))
+    mlp_device = next(model.get_submodule(names.rewrite(layer)).parameters()).device
+    batch = build_batch(tok, prompts, target, subject, model.get_input_embeddings().weight.device)
+    kl_row = torch.tensor([batch.n_rewrite])
+    kl_col = torch.tensor([0])
+
+    with frozen(model):
+        runner = SuffixRunner(model, batch)
+        z_all: list[torch.Tensor] = []
+        with torch.no_grad(), edit_output(mlp, lambda out: z_all.append(out[:, 0]) or out):
+            hidden0 = runner.hidden()
+        z = z_all[0][0].float().to(mlp_device)  # (d_out,) bare prompt, subject's last token
+        kl_ref = runner.log_probs(hidden0, kl_row, kl_col).detach()
+
+        delta = torch.zeros_like(z, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * z.norm()
+
+        def add_delta(out: torch.Tensor) -> torch.Tensor:
+            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row.
+            return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
+
+        steps, loss_v, nll_v, prob_v = 0, float("nan"), float("nan"), 0.0
+        for _ in range(hp.v_num_grad_steps):
+            with edit_output(mlp, add_delta):
+                hidden = runner.hidden()
+            logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
+            logp_t = logp.gather(1, batch.target_ids.to(logp.device)[:, None])[:, 0]
+            nll_each = _nll_per_prompt(logp_t, batch)
+            nll = nll_each.mean()
+            kl = F.kl_div(kl_ref, runner.log_probs(hidden, kl_row, kl_col), log_target=True,
+                          reduction="batchmean")
+            decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
+            loss = nll + hp.kl_factor * kl.to(nll.device) + decay.to(nll.device)
+            loss_v, nll_v = loss.item(), nll.item()
+            prob_v = torch.exp(-nll_each).mean().item()
+            if loss_v < hp.v_stop_loss or (
+                hp.v_stop == "target" and torch.exp(-nll_each).min().item() >= hp.v_stop_prob
+            ):
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    return ValueResult(delta.detach(), z, loss_v, nll_v, prob_v, steps, time.perf_counter() - start)

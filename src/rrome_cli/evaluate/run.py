@@ -1,0 +1,83 @@
+"""``rrome eval``: evaluate requests on a model as is, on a base model plus patches, or on a
+second model against the first. Writes the same report.jsonl / summary.json as ``rrome edit``.
+
+Protocol: "pre" is always ``--model`` as loaded; "post" is the patched model (``--patches``) or
+the ``--compare`` model, with locality measured against "pre".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from rrome_cli.evaluate.html_report import write_html
+from rrome_cli.evaluate.metrics import evaluate_requests
+from rrome_cli.evaluate.summary import render_summary, summarise
+from rrome_cli.models.loading import load_model
+from rrome_cli.requests import EditRequest, read_requests, request_to_dict
+
+
+@dataclass
+class EvalOptions:
+    requests: str
+    model: str | None = None
+    patches: Path | None = None
+    compare: str | None = None
+    dtype: str | None = None
+    devices: str | None = None
+    out: Path | None = None
+    fmt: str = "auto"
+    limit: int | None = None
+    seed: int = 0
+    skip_invalid: bool = False
+    fluency: bool = False
+    html: Path | None = None
+
+
+def run_eval(opts: EvalOptions, console: Console) -> dict:
+    from rrome_cli.engine.update import apply_patch, load_patches
+    from rrome_cli.run import new_run_dir, write_json
+
+    requests: list[EditRequest] = list(read_requests(
+        opts.requests, fmt=opts.fmt, skip_invalid=opts.skip_invalid, limit=opts.limit,
+        warn=lambda m: console.print(f"[yellow]{m}"),
+    ))
+    base = load_model(opts.model, opts.dtype, opts.devices)
+    console.print(f"evaluating {len(requests)} requests on {base.model_id}")
+    pre = evaluate_requests(base.model, base.tok, requests, fluency=opts.fluency, seed=opts.seed)
+    post = None
+    protocol = "as is"
+    if opts.patches:
+        patches = load_patches(opts.patches)
+        for patch in patches:
+            apply_patch(base.model, patch)
+        protocol = f"base + {len(patches)} patches ({opts.patches})"
+        post = evaluate_requests(base.model, base.tok, requests, [r for _, r in pre],
+                                 fluency=opts.fluency, seed=opts.seed)
+    elif opts.compare:
+        other = load_model(opts.compare, opts.dtype, opts.devices)
+        protocol = f"{base.model_id} vs {other.model_id}"
+        post = evaluate_requests(other.model, other.tok, requests, [r for _, r in pre],
+                                 fluency=opts.fluency, seed=opts.seed)
+    records = []
+    for i, request in enumerate(requests):
+        record = {"index": i, "case_id": request.case_id, "source": request.source,
+                  "request": request_to_dict(request), "status": "applied", "pre": pre[i][0]}
+        if post is not None:
+            record["post"] = post[i][0]
+        records.append(record)
+    out = new_run_dir(opts.out)
+    (out / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarise(records)
+    provenance = {"model": base.model_id, "dtype": str(base.dtype).replace("torch.", ""),
+                  "protocol": protocol}
+    write_json(out / "summary.json", summary | {"provenance": provenance})
+    render_summary(summary, provenance, console)
+    if opts.html:
+        write_html(opts.html, summary, records, provenance)
+        console.print(f"HTML report: {opts.html}")
+    console.print(f"report written to [bold]{out}[/bold]")
+    return summary

@@ -1,0 +1,180 @@
+"""Teacher-forced scoring of answers given prompts, batched, with an explicit padding side.
+
+An answer is always tokenised as a *continuation*: the model reads ``prompt + " " + answer`` and
+the answer's tokens are those of the joined text whose character spans reach into the answer
+(the separating space included), found with the fast tokenizer's offset mapping. So byte-level
+(``Ġ``) and SentencePiece (``▁``) leading spaces come out exactly as the model sees them in text,
+and never as a separately tokenised word.
+
+The shared tokenizer is never mutated: sequences are padded here by hand, on the side the caller
+names, and position ids are computed from the attention mask so that left and right padding
+give the same logits at every real position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]  # special prefix (BOS) + tokens of "prompt answer"
+    answer_start: int  # index in input_ids of the first answer token (>= 1)
+
+
+@dataclass
+class AnswerScore:
+    """What the model does at each answer position under teacher forcing."""
+
+    answer_ids: list[int]  # the answer's tokens, as a continuation of the prompt
+    predicted_ids: list[int]  # argmax of the logits one position earlier, per answer token
+    token_logprobs: list[float]  # log p(answer token | everything before it), fp32
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of answer tokens that are the argmax prediction."""
+        hits = sum(p == a for p, a in zip(self.predicted_ids, self.answer_ids, strict=True))
+        return hits / len(self.answer_ids)
+
+    @property
+    def nll(self) -> float:
+        """Length-normalised negative log-likelihood: mean over answer tokens of -log p."""
+        return -sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs must go: the device of the input embeddings (first shard under a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def special_prefix(tok: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, else none)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            prefix = list(full[:start])
+            break
+    else:
+        prefix = []
+    if not prefix and getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+        prefix = [tok.bos_token_id]
+    return prefix
+
+
+def encode_pair(
+    tok: PreTrainedTokenizerBase, prompt: str, answer: str, prefix: Sequence[int] = ()
+) -> Encoded:
+    """Tokenise ``prompt`` followed by ``answer`` as a continuation (one space between them).
+
+    Trailing spaces of the prompt and leading spaces of the answer are dropped first, so
+    ``"English"`` and ``" English"`` give the same tokens.
+    """
+    context, answer = prompt.rstrip(), answer.lstrip()
+    if not answer:
+        raise ValueError(f"empty answer for prompt {prompt!r}")
+    text = f"{context} {answer}"
+    char_start = len(context)  # the separating space belongs to the answer's first token
+    if tok.is_fast:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
+        first = next(i for i, (_, end) in enumerate(spans) if end > char_start)
+    else:  # no offsets: the answer starts where the prompt's own tokens stop matching
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        context_ids = tok(context, add_special_tokens=False)["input_ids"]
+        first = 0
+        while first < min(len(ids) - 1, len(context_ids)) and ids[first] == context_ids[first]:
+            first += 1
+    first += len(prefix)
+    if first == 0:
+        raise ValueError(
+            f"prompt {prompt!r} is empty and the tokenizer adds no BOS: "
+            "the first answer token has nothing to be predicted from"
+        )
+    return Encoded(list(prefix) + ids, first)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Pad by hand: (input_ids, attention_mask, position_ids) each [batch, max_len], and the
+    index where each sequence starts in its row (0 for right padding)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    starts = []
+    for row, seq in enumerate(sequences):
+        start = width - len(seq) if side == "left" else 0
+        input_ids[row, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, start : start + len(seq)] = 1
+        starts.append(start)
+    # Positions count real tokens only, so a left-padded sequence is seen at positions 0..n-1.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device), starts
+
+
+def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
+    """A token id to fill padding with (masked out, so any valid id does)."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@torch.no_grad()
+def _score_batch(
+    model: nn.Module, batch: Sequence[Encoded], pad_id: int, side: PaddingSide
+) -> list[AnswerScore]:
+    ids, mask, positions, starts = pad_batch(
+        [e.input_ids for e in batch], pad_id, side, input_device(model)
+    )
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    rows, cols, lengths = [], [], []
+    for row, (enc, start) in enumerate(zip(batch, starts, strict=True)):
+        # logits at position t-1 predict token t: answer tokens a..b-1 <- positions a-1..b-2
+        first, end = start + enc.answer_start, start + len(enc.input_ids)
+        rows += [row] * (end - first)
+        cols += list(range(first - 1, end - 1))
+        lengths.append(end - first)
+    rows_t = torch.tensor(rows, device=logits.device)
+    cols_t = torch.tensor(cols, device=logits.device)
+    # Only the answer positions go to fp32: [n_answer_tokens, vocab]
+    logprobs = logits[rows_t, cols_t].float().log_softmax(-1)
+    targets = ids.to(logits.device)[rows_t, cols_t + 1]
+    predicted = logprobs.argmax(-1).tolist()
+    target_logprobs = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    target_ids = targets.tolist()
+    scores, at = [], 0
+    for n in lengths:
+        sl = slice(at, at + n)
+        scores.append(AnswerScore(target_ids[sl], predicted[sl], target_logprobs[sl]))
+        at += n
+    return scores
+
+
+def score_answers(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    padding_side: PaddingSide = "right",
+    batch_size: int = 32,
+) -> list[AnswerScore]:
+    """Teacher-forced argmax and log-probabilities of each ``(prompt, answer)``'s answer tokens,
+    in ``ceil(len(pairs) / batch_size)`` forward passes."""
+    prefix = special_prefix(tok)
+    encoded = [encode_pair(tok, prompt, answer, prefix) for prompt, answer in pairs]
+    pad_id = pad_token_id(tok)
+    scores: list[AnswerScore] = []
+    for at in range(0, len(encoded), batch_size):
+        scores += _score_batch(model, encoded[at : at + batch_size], pad_id, padding_side)
+    return scores

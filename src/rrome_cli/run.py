@@ -1,0 +1,338 @@
+"""A batch of edits: modes (independent, sequential, retrospective), outputs, resume.
+
+Independent (default): each request is evaluated, edited, evaluated again, then reverted
+exactly, so every request starts from the unedited model. Sequential: edits accumulate, each
+evaluated right after it is made; ``retrospective`` re-evaluates every request on the final
+model. Reports are appended and flushed per request, so an interrupted run keeps what it did
+and ``resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from rich.console import Console
+
+from rrome_cli.config import HParams, from_dict
+from rrome_cli.engine.edit import EditResult, edit
+from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
+from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
+from rrome_cli.evaluate import evaluate_request
+from rrome_cli.models.families import weight_as_out_in
+from rrome_cli.models.loading import LoadedModel
+from rrome_cli.requests import EditRequest, read_requests, request_to_dict
+
+
+@dataclass
+class RunOptions:
+    requests: str  # path, or "-" for standard input
+    fmt: str = "auto"
+    limit: int | None = None
+    skip_invalid: bool = False
+    out: Path | None = None  # default: runs/<timestamp>
+    report: str | None = None  # "-" also writes each report line to standard output
+    sequential: bool = False
+    retrospective: bool = False
+    seed: int = 0
+    templates: Path | None = None
+    max_update_ratio: float | None = None
+    save_model: bool = False
+    fluency: bool = False
+    probe_every: int = 50  # sequential: generation entropy on the probe set every N edits
+    stats: dict[str, Any] = field(default_factory=dict)  # corpus, tokens, stats_dir, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class RunState:
+    """What a run holds while it goes: the model, templates, statistics, open files."""
+
+    loaded: LoadedModel
+    hp: HParams
+    opts: RunOptions
+    out: Path
+    templates: list[str]
+    covariances: dict[int, KeyCovariance]
+    covariance_source: str
+    patches: list[Patch] = field(default_factory=list)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per edited module
+    failed: int = 0
+
+
+def new_run_dir(out: Path | None) -> Path:
+    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    names = ("rrome-cli", "torch", "transformers", "accelerate", "safetensors", "datasets")
+    return {n: version(n) for n in names} | {"python": platform.python_version()}
+
+
+def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
+    model = state.loaded.model
+    return {
+        "model": state.loaded.model_id,
+        "revision": state.loaded.revision,
+        "dtype": str(state.loaded.dtype).replace("torch.", ""),
+        "devices": sorted({str(p.device) for p in model.parameters()}),
+        "variant": state.hp.variant,
+        "covariance": state.covariance_source,
+        "protocol": "sequential" if state.opts.sequential else "independent",
+        "templates": str(templates_file),
+        "hparams": state.hp.to_dict(),
+        "options": state.opts.to_json(),
+        "versions": library_versions(),
+        "seed": state.opts.seed,
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def prepare_templates(loaded: LoadedModel, hp: HParams, opts: RunOptions, out: Path) -> list[str]:
+    path = out / "templates.json"
+    if path.exists():  # resuming: the same templates as before
+        return load_templates(path)
+    if opts.templates:
+        templates = load_templates(opts.templates)
+    else:
+        templates = generate_templates(
+            loaded.model, loaded.tok, hp.context_template_length_params, seed=opts.seed
+        )
+    save_templates(templates, path)
+    return templates
+
+
+def prepare_covariances(
+    loaded: LoadedModel, hp: HParams, opts: RunOptions
+) -> tuple[dict[int, KeyCovariance], str]:
+    """Key statistics for each edited layer (cached on disk), or C = I."""
+    if not hp.mom2_adjustment:
+        return {}, "identity (mom2_adjustment: false)"
+    from rrome_cli.engine.stats import second_moment
+
+    covariances, sources = {}, []
+    for layer in hp.layers:
+        w = loaded.model.get_submodule(loaded.names.rewrite(layer)).weight
+        stats = second_moment(
+            loaded.model, loaded.tok, loaded.names, layer, model_id=loaded.model_id,
+            revision=loaded.revision, tokens=opts.stats.get("tokens") or hp.mom2_n_samples,
+            corpus=opts.stats.get("corpus"), stats_dir=opts.stats.get("stats_dir"),
+        )
+        covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w.device)
+        sources.append(f"{stats.source} ({stats.tokens} tokens)")
+    return covariances, "second moment: " + "; ".join(sorted(set(sources)))
+
+
+def done_records(report: Path) -> list[dict[str, Any]]:
+    """Records of a previous (interrupted) run; a torn last line is dropped."""
+    if not report.exists():
+        return []
+    records = []
+    for line in report.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def _cumulative_ratio(state: RunState, result: EditResult) -> float:
+    """max over edited modules of ||W - W0||_F / ||W0||_F (sequential runs)."""
+    ratios = []
+    for e in result.layers:
+        w = weight_as_out_in(state.loaded.model.get_submodule(e.module)).detach().float()
+        w0 = state.base_weights.setdefault(e.module, w.clone()).float()
+        ratios.append(float((w - w0).norm() / w0.norm()))
+    return max(ratios, default=0.0)
+
+
+def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any]:
+    """Evaluate, edit, evaluate again; in independent mode revert. Returns the report record."""
+    loaded, opts = state.loaded, state.opts
+    start = time.perf_counter()
+    pre, reference = evaluate_request(
+        loaded.model, loaded.tok, request, fluency=opts.fluency, seed=opts.seed + index
+    )
+    record: dict[str, Any] = {
+        "index": index, "case_id": request.case_id, "source": request.source,
+        "request": request_to_dict(request), "pre": pre,
+    }
+    if opts.sequential:  # remember W0 before the first edit of each module
+        for layer in state.hp.layers:
+            name = loaded.names.rewrite(layer)
+            w = weight_as_out_in(loaded.model.get_submodule(name))
+            state.base_weights.setdefault(name, w.detach().float().clone())
+    result = edit(
+        loaded.model, loaded.tok, request, state.hp, loaded.names, state.covariances,
+        state.templates, opts.max_update_ratio,
+    )
+    record["status"], record["reason"] = result.status, result.reason
+    record["guard"] = guard_record(result)
+    if result.status == "applied":
+        post, _ = evaluate_request(
+            loaded.model, loaded.tok, request, reference, fluency=opts.fluency,
+            seed=opts.seed + index,
+        )
+        record["post"] = post
+        if opts.sequential:
+            record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
+            state.patches.extend(result.patches)
+            save_patches(state.out / "patches.safetensors", state.patches)
+        else:
+            state.patches.extend(result.patches)
+            result.revert(loaded.model)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def guard_record(result: EditResult) -> dict[str, Any]:
+    layers = [e.guard() for e in result.layers]
+    if len(layers) == 1:
+        return dict(layers[0])
+    return {"update_ratio": max((g["update_ratio"] for g in layers), default=0.0), "layers": layers}
+
+
+def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
+    return read_requests(
+        opts.requests, fmt=opts.fmt, skip_invalid=opts.skip_invalid, limit=opts.limit, warn=warn,
+    )
+
+
+def run_edits(
+    loaded: LoadedModel,
+    hp: HParams,
+    opts: RunOptions,
+    console: Console,
+    resume: Path | None = None,
+    after_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run a batch; returns the run directory and the summary."""
+    from rrome_cli.evaluate import render_summary, summarise
+
+    out = new_run_dir(resume or opts.out)
+    report_path = out / "report.jsonl"
+    previous = done_records(report_path) if resume else []
+    if resume:
+        report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
+    templates = prepare_templates(loaded, hp, opts, out)
+    covariances, cov_source = prepare_covariances(loaded, hp, opts)
+    state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
+    prov = provenance(state, out / "templates.json")
+    if not resume:
+        write_json(out / "run.json", prov)
+    if resume and opts.sequential and (out / "patches.safetensors").exists():
+        state.patches = load_patches(out / "patches.safetensors")
+        for patch in state.patches:  # back to where the interrupted run stood
+            name = patch.module
+            w = weight_as_out_in(loaded.model.get_submodule(name))
+            state.base_weights.setdefault(name, w.detach().float().clone())
+            apply_patch(loaded.model, patch)
+
+    records = list(previous)
+    done = {r["index"] for r in previous}
+    stdout = sys.stdout if opts.report == "-" else None
+    requests: list[EditRequest] = []
+    with report_path.open("a") as report:
+        for index, request in enumerate(_requests(opts, lambda m: console.print(f"[yellow]{m}"))):
+            requests.append(request)
+            if index in done:
+                continue
+            console.print(f"[{index}] {request.text!r} -> {request.target_new!r}", highlight=False)
+            record = _safe_edit(state, index, request, console)
+            records.append(record)
+            _append(report, record, stdout)
+            if after_record:
+                after_record(record)
+    if opts.sequential and opts.retrospective:
+        retro = retrospective(state, requests, records)
+        write_jsonl(out / "retrospective.jsonl", retro)
+    summary = summarise(records)
+    summary["failed_internal"] = state.failed
+    write_json(out / "summary.json", summary)
+    if not opts.sequential:
+        save_patches(out / "patches.safetensors", state.patches)
+    if opts.save_model:
+        save_model_atomic(loaded, out / "model")
+    shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
+    render_summary(summary, {k: prov[k] for k in shown}, console)
+    return out, summary
+
+
+def _safe_edit(state: RunState, index: int, request: EditRequest, console: Console) -> dict[str, Any]:
+    try:
+        return edit_one(state, index, request)
+    except (FloatingPointError, ValueError, RuntimeError) as err:
+        state.failed += 1
+        console.print(f"[red]request {index} ({request.source}) failed: {err}")
+        return {
+            "index": index, "case_id": request.case_id, "source": request.source,
+            "request": request_to_dict(request), "status": "failed", "reason": str(err),
+        }
+
+
+def retrospective(
+    state: RunState, requests: list[EditRequest], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every request re-evaluated on the final model (sequential runs)."""
+    by_index = {r["index"]: r for r in records}
+    out = []
+    for index, request in enumerate(requests):
+        metrics, _ = evaluate_request(state.loaded.model, state.loaded.tok, request)
+        out.append({"index": index, "status": by_index.get(index, {}).get("status"),
+                    "retro": metrics})
+    return out
+
+
+def _append(report: IO[str], record: dict[str, Any], stdout: IO[str] | None) -> None:
+    line = json.dumps(record, default=str) + "\n"
+    report.write(line)
+    report.flush()
+    if stdout is not None:
+        stdout.write(line)
+        stdout.flush()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def save_model_atomic(loaded: LoadedModel, target: Path) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then rename into place."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model-"))
+    loaded.model.save_pretrained(tmp)
+    loaded.tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def load_run(out: Path) -> tuple[dict[str, Any], HParams, RunOptions]:
+    """run.json of an earlier run: its provenance, hparams and options (for --resume)."""
+    prov = json.loads((out / "run.json").read_text())
+    opts = dict(prov["options"])
+    for key in ("out", "templates"):
+        opts[key] = Path(opts[key]) if opts.get(key) else None
+    return prov, from_dict(prov["hparams"], where=str(out / "run.json")), RunOptions(**opts)

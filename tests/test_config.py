@@ -1,0 +1,110 @@
+"""Hyperparameter files: EasyEdit's layout loads unchanged; every shipped file loads and fits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rrome_cli.config import IGNORED_KEYS, HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.models.families import FAMILIES, get_module, module_names, num_layers
+from rrome_cli.models.registry import ALIASES, shipped_config
+from rrome_cli.models.tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EASYEDIT_LLAMA = Path(__file__).parent / "data" / "easyedit-r-rome-llama-7b.yaml"
+SHIPPED = sorted((ROOT / "hparams").glob("*.yaml"))
+TINY_SHIPPED = [p for p in SHIPPED if p.stem.startswith("tiny-")]
+REAL_SHIPPED = [p for p in SHIPPED if p.stem in ALIASES]
+
+
+def test_easyedit_layout_loads_unchanged() -> None:
+    raw = yaml.safe_load(EASYEDIT_LLAMA.read_text())
+    with pytest.warns(UserWarning) as caught:
+        hp = load_hparams(EASYEDIT_LLAMA)
+    # YAML 1.1 reads 5e-1 as a string: it must come out as the float 0.5.
+    assert raw["v_lr"] == "5e-1"
+    assert isinstance(hp.v_lr, float) and hp.v_lr == 0.5
+    assert hp.v_weight_decay == pytest.approx(1e-3)
+    assert isinstance(hp.v_num_grad_steps, int) and hp.v_num_grad_steps == 25
+    assert hp.layers == [5]
+    assert hp.mom2_adjustment is False
+    assert hp.context_template_length_params == [[5, 10], [10, 10]]
+    assert hp.rewrite_module_tmp == "model.layers.{}.mlp.down_proj"
+    assert hp.ln_f_module == "model.norm" and hp.lm_head_module == "lm_head"
+    assert hp.stats_dir == "./data/stats"
+    # Each ignored EasyEdit key gets its own note naming the file.
+    present = sorted(k for k in raw if k in IGNORED_KEYS)
+    assert present  # the layout does carry such keys
+    messages = [str(w.message) for w in caught]
+    for key in present:
+        assert any(repr(key) in m and str(EASYEDIT_LLAMA) in m for m in messages), key
+
+
+def test_unknown_key_suggests_nearest(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text(EASYEDIT_LLAMA.read_text().replace("v_lr:", "v_lrr:"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(HParamsError) as err:
+            load_hparams(path)
+    message = str(err.value)
+    assert str(path) in message and "'v_lrr'" in message and "did you mean 'v_lr'" in message
+
+
+def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("v_lr: fast\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml: v_lr must be a number"):
+        load_hparams(path)
+
+
+def test_ships_every_model_and_fixture() -> None:
+    names = {p.stem for p in SHIPPED}
+    expected = {a for a in ALIASES if a != "smollm2-135m"}  # the lead tunes smollm2's file
+    expected |= {"tiny-gpt2", "tiny-gptj", "tiny-gpt-neox", "tiny-llama", "tiny-mistral",
+                 "tiny-qwen2"}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_file_loads_quietly(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shipped files carry no ignored keys
+        hp = load_hparams(path)
+    assert isinstance(hp, HParams)
+    assert shipped_hparams(path.stem).resolve() == path.resolve()
+    assert path.read_text().startswith("#"), "each file starts with a comment on its source"
+
+
+@pytest.mark.parametrize("path", REAL_SHIPPED, ids=lambda p: p.name)
+def test_real_model_hparams_fit_its_config(path: Path) -> None:
+    """Layers exist and the module names agree with the family table for its architecture."""
+    hp = load_hparams(path)
+    config_path = shipped_config(path.stem)
+    assert config_path is not None
+    raw = json.loads(config_path.read_text())
+    n_layers = raw.get("num_hidden_layers") or raw.get("n_layer")
+    assert all(0 <= layer < n_layers for layer in hp.layers)
+    architecture = raw["architectures"][0]
+    assert module_names(architecture, hp.module_overrides()) == FAMILIES[architecture]
+    assert hp.mom2_adjustment is True
+
+
+@pytest.mark.parametrize("path", TINY_SHIPPED, ids=lambda p: p.name)
+def test_tiny_hparams_name_modules_of_the_fixture(path: Path) -> None:
+    hp = load_hparams(path)
+    model, _ = tiny_model(path.stem.removeprefix("tiny-"))
+    names = module_names(type(model).__name__, hp.module_overrides())
+    assert all(layer < num_layers(model.config) for layer in hp.layers)
+    for layer in hp.layers:
+        for name in (names.rewrite(layer), names.mlp(layer), names.layer(layer)):
+            get_module(model, name)
+    get_module(model, names.ln_f_module)
+    head = get_module(model, names.lm_head_module)
+    assert head.weight.shape[0] == model.config.vocab_size  # the output head, not a hidden layer
+    assert (hp.v_num_grad_steps, hp.context_template_length_params) == (10, [[3, 2]])
+    assert (hp.mom2_adjustment, hp.mom2_n_samples) == (False, 2000)
