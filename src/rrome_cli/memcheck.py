@@ -363,6 +363,41 @@ def _meta_batch(geo: Geometry) -> Batch:
     )
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
+def _fused_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+    scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:
+    """SDPA as a fused kernel runs it (CPU flash, CUDA flash / memory-efficient): it keeps q, k,
+    v, the output and a log-sum-exp for backward, never the scores. On meta tensors torch
+    would take the math path instead, which upcasts and keeps heads x queries x keys scores."""
+    if query.device.type != "meta":
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(
+            attn_mask.logical_not(), float("-inf"))
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+    return out
+
+
+@contextmanager
+def _fused_attention_on_meta() -> Iterator[None]:
+    """Route ``F.scaled_dot_product_attention`` (as transformers calls it) to ``_fused_attention``."""
+    F.scaled_dot_product_attention = _fused_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _SDPA
+
+
 def trace_value_step(
     model: PreTrainedModel, names: ModuleNames, layer: int, geo: Geometry
 ) -> dict[str, int]:
@@ -377,7 +412,7 @@ def trace_value_step(
     head = model.get_output_embeddings()
     d_out, vocab = head.weight.shape[1], head.weight.shape[0]
     dtype = head.weight.dtype
-    with live_tensor_bytes() as tracker, frozen(model):
+    with live_tensor_bytes() as tracker, frozen(model), _fused_attention_on_meta():
         tracker.set_phase("prefix")
         batch = _meta_batch(geo)
         runner = SuffixRunner(model, batch)

@@ -1,0 +1,157 @@
+"""The command line as a user runs it: help, exit codes, located errors, pipelines, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rrome_cli.cli import app
+from rrome_cli.config import load_hparams, shipped_hparams
+from rrome_cli.models.loading import load_model
+from rrome_cli.run import RunOptions, run_edits
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SAMPLE = DATA / "counterfact-sample.jsonl"
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_help_lists_commands_and_real_options() -> None:
+    top = run("--help")
+    assert top.exit_code == 0
+    for command in ("edit", "eval", "memcheck", "stats"):
+        assert command in top.stdout
+    edit_help = run("edit", "--help").stdout
+    for option in ("--model", "--hparams", "--fp16", "--bf16", "--devices", "--out", "--format",
+                   "--limit", "--seed", "--skip-invalid", "--report", "--sequential",
+                   "--resume", "--variant", "--max-update-ratio", "--save-model"):
+        assert option in edit_help, option
+    assert "--max-memory" in run("memcheck", "--help").stdout
+    assert "--patches" in run("eval", "--help").stdout
+
+
+def test_bad_record_exits_2_naming_file_line_field(tmp_path: Path) -> None:
+    result = run("edit", str(DATA / "bad-requests.jsonl"), "--model", "tiny-llama",
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "bad-requests.jsonl:2" in result.stderr
+    assert "field" in result.stderr
+    # what was done before the bad line is kept
+    report = (tmp_path / "run" / "report.jsonl").read_text().splitlines()
+    assert len(report) == 1
+
+
+def test_skip_invalid_edits_the_valid_records(tmp_path: Path) -> None:
+    result = run("edit", str(DATA / "bad-requests.jsonl"), "--model", "tiny-llama",
+                 "--skip-invalid", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.stderr
+    lines = (tmp_path / "run" / "report.jsonl").read_text().splitlines()
+    assert [json.loads(x)["source"].rsplit(":", 1)[1] for x in lines] == ["1", "8"]
+    assert "bad-requests.jsonl:4" in result.stderr  # each skip is reported
+
+
+def test_unknown_hparams_key_exits_2_with_suggestion(tmp_path: Path) -> None:
+    bad = tmp_path / "h.yaml"
+    bad.write_text("layers: [1]\nv_lrr: 0.5\n")
+    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--hparams", str(bad))
+    assert result.exit_code == 2
+    assert "v_lrr" in result.stderr and "v_lr" in result.stderr
+
+
+def test_missing_requests_file_exits_2(tmp_path: Path) -> None:
+    result = run("edit", str(tmp_path / "nope.jsonl"), "--model", "tiny-llama",
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "nope.jsonl" in result.stderr
+
+
+def test_pipeline_stdin_to_report_on_stdout(tmp_path: Path) -> None:
+    lines = SAMPLE.read_text().splitlines()[:2]
+    result = run("edit", "-", "--model", "tiny-llama", "--report", "-",
+                 "--out", str(tmp_path / "run"), input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in result.stdout.splitlines()]  # stdout is pure JSONL
+    assert [r["index"] for r in records] == [0, 1]
+    assert all(r["status"] == "applied" and "post" in r for r in records)
+
+
+def _strip_times(record: dict) -> dict:
+    record = {k: v for k, v in record.items() if k != "seconds"}
+    record["guard"] = {k: v for k, v in record["guard"].items() if not k.startswith("seconds")}
+    return record
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, sequential: bool) -> None:
+    from rich.console import Console
+
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    console = Console(stderr=True, quiet=True)
+
+    def options(out: Path) -> RunOptions:
+        return RunOptions(requests=str(SAMPLE), limit=4, out=out, sequential=sequential)
+
+    full_dir, _ = run_edits(load_model("tiny-llama"), hp, options(tmp_path / "full"), console)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(record: dict) -> None:
+        if record["index"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console,
+                  after_record=crash_after_two)
+    assert len((tmp_path / "cut" / "report.jsonl").read_text().splitlines()) == 2
+    run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console,
+              resume=tmp_path / "cut")
+
+    def report(d: Path) -> list[dict]:
+        return [_strip_times(json.loads(x)) for x in (d / "report.jsonl").read_text().splitlines()]
+
+    assert report(tmp_path / "cut") == report(full_dir)
+
+
+def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    loaded = load_model("tiny-llama")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    run_edits(loaded, hp, RunOptions(requests=str(SAMPLE), limit=3, out=tmp_path / "r"),
+              Console(quiet=True))
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
+    from rrome_cli.engine.update import load_patches
+
+    out = tmp_path / "seq"
+    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--limit", "3", "--sequential",
+                 "--retrospective", "--save-model", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert len(load_patches(out / "patches.safetensors")) == 3
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    cumulative = [r["guard"]["cumulative_ratio"] for r in records]
+    assert cumulative[0] > 0 and cumulative[-1] > cumulative[0]
+    assert len((out / "retrospective.jsonl").read_text().splitlines()) == 3
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:
+    out = tmp_path / "rej"
+    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--limit", "2",
+                 "--max-update-ratio", "1e-9", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["rejected", "rejected"]
+    assert "update ratio" in records[0]["reason"]

@@ -1,0 +1,679 @@
+"""The R-ROME engine: the rank-one algebra against float64 references, and edits of tiny models.
+
+References are computed here by hand (float64, own hooks, own tokenisation), never by calling
+the engine function under test a second time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rrome_cli.config import HParams
+from rrome_cli.engine import edit as edit_module
+from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
+from rrome_cli.engine.keys import keys_at, templated
+from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
+from rrome_cli.engine.update import (
+    KeyCovariance,
+    apply_patch,
+    apply_update,
+    left_vector,
+    load_patches,
+    right_vector,
+    save_patches,
+)
+from rrome_cli.engine.values import SuffixRunner, ValueResult, build_batch
+from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
+from rrome_cli.models.tiny import tiny_model
+from rrome_cli.requests import EditRequest
+
+LAYER = 1
+# Fixed context templates (no sampling): different lengths, so rows pad differently.
+TEMPLATES = ["{}", "The capital of Japan is Tokyo. {}", "Rome. {}"]
+REQUEST = EditRequest(
+    prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
+    case_id=7,
+)
+SECOND = EditRequest(
+    prompt="{} was founded by", subject="Apple", target_new="Bill Gates", case_id=8
+)
+# "The" is one token at the start of a text for both tokenizer styles: the bare prompt's
+# subject is its very first token, so that row's prefix (before the subject) is empty.
+FIRST_TOKEN = EditRequest(prompt="{} capital of Japan is", subject="The", target_new="Rome")
+
+Model = tuple[PreTrainedModel, PreTrainedTokenizerBase, ModuleNames]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, and other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(family: str, dtype: torch.dtype = torch.float32) -> Model:
+    model, tok = tiny_model(family, dtype=dtype)
+    return model, tok, module_names(type(model).__name__)
+
+
+def hparams(**overrides: Any) -> HParams:
+    settings: dict[str, Any] = dict(
+        layers=[LAYER], v_num_grad_steps=5, context_template_length_params=[[3, 2]],
+        mom2_adjustment=False,
+    )
+    return HParams(**{**settings, **overrides})
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_weights(
+    model: nn.Module, saved: dict[str, torch.Tensor], skip: frozenset[str] = frozenset()
+) -> None:
+    for name, tensor in model.state_dict().items():
+        if name not in skip:
+            assert torch.equal(tensor, saved[name]), f"{name} changed"
+
+
+def w_of(model: nn.Module, names: ModuleNames, layer: int = LAYER) -> torch.Tensor:
+    """A copy of W as (d_out, d_in), in the weight's own dtype."""
+    return weight_as_out_in(model.get_submodule(names.rewrite(layer))).detach().clone()
+
+
+def random_spd(d: int, gen: torch.Generator) -> torch.Tensor:
+    """A well-conditioned random symmetric positive definite matrix, float64."""
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+    return a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm()
+
+
+def fp32_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Equal to fp32 accuracy, relative to the expected tensor's scale."""
+    expected = expected.double()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references: our own hooks and our own tokenisation.
+
+
+def template_text(request: EditRequest, template: str) -> str:
+    return template.replace("{}", request.prompt.replace("{}", request.subject))
+
+
+def subject_last_index(tok: PreTrainedTokenizerBase, text: str, subject: str) -> int:
+    """The subject's last token, by tokenising the text up to the subject's end.
+
+    Valid here because every subject ends at a word boundary, where both pre-tokenizers split.
+    """
+    end = text.index(subject) + len(subject)
+    head = tok(text[:end]).input_ids
+    assert tok(text).input_ids[: len(head)] == head  # the reference's own precondition
+    return len(head) - 1
+
+
+@torch.no_grad()
+def output_at_subject(model: PreTrainedModel, tok: PreTrainedTokenizerBase, module: nn.Module,
+                      request: EditRequest, templates: list[str], read_input: bool) -> torch.Tensor:
+    """``module``'s input (or output) at the subject's last token, one unpadded prompt at a
+    time: (n_templates, d) fp32."""
+    rows = []
+    for template in templates:
+        text = template_text(request, template)
+        captured: list[torch.Tensor] = []
+
+        def pre_hook(_m: nn.Module, args: tuple[Any, ...], sink: list = captured) -> None:
+            sink.append(args[0])
+
+        def post_hook(_m: nn.Module, _i: Any, out: Any, sink: list = captured) -> None:
+            sink.append(out[0] if isinstance(out, tuple) else out)
+
+        hook = (module.register_forward_pre_hook(pre_hook) if read_input
+                else module.register_forward_hook(post_hook))
+        try:
+            model(input_ids=torch.tensor([tok(text).input_ids]))
+        finally:
+            hook.remove()
+        rows.append(captured[0][0, subject_last_index(tok, text, request.subject)].float())
+    return torch.stack(rows)
+
+
+def reference_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
+                   request: EditRequest, templates: list[str]) -> torch.Tensor:
+    """W's input at the subject's last token: (n_templates, d_in) fp32."""
+    w_module = model.get_submodule(names.rewrite(LAYER))
+    return output_at_subject(model, tok, w_module, request, templates, read_input=True)
+
+
+def mlp_outputs(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
+                request: EditRequest, templates: list[str]) -> torch.Tensor:
+    """The MLP's output at the subject's last token: (n_templates, d_out) fp32."""
+    mlp = model.get_submodule(names.mlp(LAYER))
+    return output_at_subject(model, tok, mlp, request, templates, read_input=False)
+
+
+def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
+    """Let ``edit`` optimise delta as usual, and keep each ValueResult it got."""
+    seen: list[ValueResult] = []
+    real = edit_module.optimise_delta
+
+    def spy(*args: Any, **kwargs: Any) -> ValueResult:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(edit_module, "optimise_delta", spy)
+    return seen
+
+
+def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
+    """Replace the value optimisation: layer -> a given delta."""
+
+    def fake(model, tok, names, layer, prompts, target, subject, hp) -> ValueResult:  # noqa: ANN001
+        delta = delta_for(layer)
+        return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0)
+
+    monkeypatch.setattr(edit_module, "optimise_delta", fake)
+
+
+def random_delta(d: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Linear algebra on random inputs, against float64.
+
+
+@pytest.mark.parametrize("d", [16, 37, 64])
+def test_rank_one_algebra_matches_float64(d: int) -> None:
+    gen = torch.Generator().manual_seed(d)
+    c = random_spd(d, gen)
+    k_star = torch.randn(d, generator=gen, dtype=torch.float64)
+    w = torch.randn(d + 5, d, generator=gen, dtype=torch.float64)
+    delta = torch.randn(d + 5, generator=gen, dtype=torch.float64)
+    c_inv_k = torch.linalg.solve(c, k_star)
+
+    cov = KeyCovariance(c.float(), ridge=0.0)
+    fp32_close(cov.solve(k_star.float()), c_inv_k)
+
+    u, denominator = left_vector(cov, k_star.float())
+    assert u.dtype == torch.float32
+    assert abs(float(u.double().norm()) - 1.0) < 1e-6
+    fp32_close(u, unit(c_inv_k))
+    assert denominator == pytest.approx(float(k_star @ c_inv_k), rel=1e-4)
+
+    right = right_vector(delta.float(), k_star.float(), u)
+    w_new = w + torch.outer(right.double(), u.double())
+    fp32_close(w_new @ k_star, w @ k_star + delta)
+    assert int(torch.linalg.matrix_rank(w_new - w)) == 1
+
+    # A key orthogonal to k* in the C^-1 inner product is mapped exactly as before.
+    r = torch.randn(d, generator=gen, dtype=torch.float64)
+    k_other = r - (r @ c_inv_k) / (k_star @ c_inv_k) * k_star
+    assert abs(float(k_other @ c_inv_k)) < 1e-9
+    fp32_close(w_new @ k_other, w @ k_other)
+
+
+def test_applied_update_has_rank_one() -> None:
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(24, 40, bias=False)
+    before = linear.weight.detach().double().clone()
+    right, u = torch.randn(40, generator=gen), unit(torch.randn(24, generator=gen))
+    original = apply_update(linear, torch.outer(right, u))
+    assert torch.equal(original.double(), before)
+    diff = linear.weight.detach().double() - before
+    # fp32 storage leaves rounding noise ~1e-7 of ||W||: count singular values above it.
+    assert int(torch.linalg.matrix_rank(diff, rtol=1e-4)) == 1
+    fp32_close(diff, torch.outer(right, u))
+
+
+def test_identity_covariance_gives_normalised_key() -> None:
+    k_star = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    u, denominator = left_vector(KeyCovariance(None), k_star)
+    fp32_close(u, unit(k_star.double()))
+    assert denominator == pytest.approx(float(k_star.double() @ k_star.double()), rel=1e-5)
+
+
+def test_ridge_is_relative_to_the_mean_diagonal() -> None:
+    gen = torch.Generator().manual_seed(6)
+    c, k = random_spd(20, gen), torch.randn(20, generator=gen, dtype=torch.float64)
+    lam = 1e-2 * float(c.diagonal().mean())
+    expected = torch.linalg.solve(c + lam * torch.eye(20, dtype=torch.float64), k)
+    fp32_close(KeyCovariance(c.float(), ridge=1e-2).solve(k.float()), expected)
+
+
+def test_singular_covariance_gets_a_ridge() -> None:
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(30, 10, generator=gen, dtype=torch.float64)
+    c = a @ a.T  # rank 10 of 30: no Cholesky factor without a ridge
+    cov = KeyCovariance(c.float(), ridge=0.0)
+    assert cov.ridge > 0
+    k = torch.randn(30, generator=gen)
+    x = cov.solve(k)
+    assert torch.isfinite(x).all()
+    # C + ridge I is still badly conditioned, so x itself is inaccurate in fp32; the solve
+    # must be backward stable: a small residual relative to ||C + ridge I|| ||x||.
+    regularised = c + cov.ridge * torch.eye(30, dtype=torch.float64)
+    residual = (regularised @ x.double() - k.double()).norm()
+    assert residual < 1e-5 * torch.linalg.matrix_norm(regularised, 2) * x.double().norm()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Edits of real tiny models, every family.
+
+
+def test_keys_at_matches_unpadded_forwards(family: str) -> None:
+    model, tok, names = load(family)
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    keys = keys_at(model, tok, names, LAYER, prompts)
+    assert keys.dtype == torch.float32
+    fp32_close(keys, reference_keys(model, tok, names, REQUEST, TEMPLATES), rtol=1e-5)
+
+
+def test_r_rome_edit_maps_k_star_to_w_k_star_plus_delta(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok, names = load(family)
+    values = record_values(monkeypatch)
+    keys = reference_keys(model, tok, names, REQUEST, TEMPLATES)
+    k_star = keys.mean(0).double()
+    outputs_before = mlp_outputs(model, tok, names, REQUEST, TEMPLATES)
+    before, w = snapshot(model), w_of(model, names).double()
+
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES)
+
+    assert result.status == "applied" and len(values) == 1
+    delta = values[0].delta.double()
+    (layer_edit,) = result.layers
+    patch = layer_edit.patch
+    assert (patch.layer, patch.module) == (LAYER, names.rewrite(LAYER))
+    assert (patch.dtype, patch.request) == ("torch.float32", "7")
+    u, right = patch.left.double(), patch.right.double()
+    w_new = w_of(model, names).double()
+    fp32_close(w_new - w, torch.outer(right, u), rtol=1e-5)
+    fp32_close(u, unit(k_star))  # C = I
+    fp32_close(w_new @ k_star, w @ k_star + delta)
+    assert layer_edit.denominator == pytest.approx(float(k_star @ k_star), rel=1e-4)
+    expected_ratio = torch.outer(right, u).norm() / w.norm()
+    assert layer_edit.update_ratio == pytest.approx(float(expected_ratio), rel=1e-4)
+    z = values[0].z.double()
+    assert layer_edit.delta_ratio == pytest.approx(float(delta.norm() / z.norm()), rel=1e-4)
+    # The edited model itself: its MLP output moves by delta on average over the templates.
+    change = mlp_outputs(model, tok, names, REQUEST, TEMPLATES) - outputs_before
+    fp32_close(change.double().mean(0), delta, rtol=1e-3)
+    assert_same_weights(model, before, skip=frozenset({names.rewrite(LAYER) + ".weight"}))
+
+
+def test_rome_edit_maps_the_prompt_key(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok, names = load(family)
+    values = record_values(monkeypatch)
+    keys = reference_keys(model, tok, names, REQUEST, TEMPLATES).double()
+    k_star, k_prompt = keys.mean(0), keys[0]
+    z_reference = mlp_outputs(model, tok, names, REQUEST, ["{}"])[0]
+    w = w_of(model, names).double()
+
+    result = edit(model, tok, REQUEST, hparams(variant="rome"), names, templates=TEMPLATES)
+
+    assert result.status == "applied"
+    delta, z = values[0].delta.double(), values[0].z
+    fp32_close(z, z_reference, rtol=1e-5)  # z: the unedited output at the bare prompt
+    u = result.layers[0].patch.left.double()
+    fp32_close(u, unit(k_star))
+    fp32_close(w_of(model, names).double() @ k_prompt, w @ k_prompt + delta)
+    # End to end: the bare prompt's MLP output is now z + delta.
+    after = mlp_outputs(model, tok, names, REQUEST, ["{}"])[0]
+    fp32_close(after, z_reference.double() + delta, rtol=1e-4)
+
+
+def test_variants_share_u_but_not_the_right_vector(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok, names = load(family)
+    keys = reference_keys(model, tok, names, REQUEST, TEMPLATES).double()
+    k_star, k_prompt = keys.mean(0), keys[0]
+    d_in, d_out = keys.shape[1], w_of(model, names).shape[0]
+    c = random_spd(d_in, torch.Generator().manual_seed(11))
+    cov = KeyCovariance(c.float())
+    delta = random_delta(d_out)
+    fix_delta(monkeypatch, lambda _layer: delta)
+
+    def solve(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = hparams(variant=variant, mom2_adjustment=True)
+        patch = edit_layer(model, tok, REQUEST, hp, names, LAYER, cov, TEMPLATES).patch
+        return patch.left.double(), patch.right.double()
+
+    u_r, right_r = solve("r-rome")
+    u_rome, right_rome = solve("rome")
+    u_p, right_p = solve("p-rome")
+    fp32_close(u_rome, u_r, rtol=1e-6)
+    fp32_close(u_r, unit(torch.linalg.solve(c, k_star)))
+    fp32_close(u_p, unit(torch.linalg.solve(c, k_prompt)))
+    # Same delta, different denominators: k*.u (r-rome) against k_prompt.u (rome).
+    fp32_close(right_rome * (k_prompt @ u_r), right_r * (k_star @ u_r))
+    fp32_close(right_r * (k_star @ u_r), delta)
+    fp32_close(right_p * (k_prompt @ u_p), delta)
+    assert not torch.allclose(right_rome, right_r, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-5. Storage layouts, half precision, revert.
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_update_lands_in_either_weight_layout(family: str) -> None:
+    model, tok, names = load(family)
+    module = model.get_submodule(names.rewrite(LAYER))
+    before = module.weight.detach().clone()
+    patch = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES).patches[0]
+    assert is_conv1d(module) == (family == "gpt2")
+    # Conv1D stores (d_in, d_out); nn.Linear stores (d_out, d_in).
+    expected = torch.outer(patch.left, patch.right) if is_conv1d(module) else torch.outer(
+        patch.right, patch.left)
+    assert module.weight.shape == expected.shape
+    fp32_close(module.weight.detach() - before, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_half_precision_edit_casts_once(family: str, dtype: torch.dtype) -> None:
+    model, tok, names = load(family, dtype)
+    w = w_of(model, names)
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES)
+    assert result.status == "applied", result.reason
+    patch = result.patches[0]
+    assert patch.left.dtype == patch.right.dtype == torch.float32
+    assert patch.dtype == str(dtype)
+    w_new = w_of(model, names)
+    assert w_new.dtype == dtype
+    assert torch.equal(w_new, (w.float() + torch.outer(patch.right, patch.left)).to(dtype))
+    assert not torch.equal(w_new, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_revert_restores_bit_for_bit(family: str, dtype: torch.dtype) -> None:
+    model, tok, names = load(family, dtype)
+    before = snapshot(model)
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES)
+    assert not torch.equal(w_of(model, names), before[names.rewrite(LAYER) + ".weight"].T
+                           if family == "gpt2" else before[names.rewrite(LAYER) + ".weight"])
+    result.revert(model)
+    assert_same_weights(model, before)
+    result.revert(model)  # a second revert changes nothing
+    assert_same_weights(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Guardrails: an update that is not finite, or too large, is never applied.
+
+
+def test_non_finite_delta_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok, names = load("llama")
+    delta = random_delta(64)
+    delta[3] = float("nan")
+    fix_delta(monkeypatch, lambda _layer: delta)
+    before = snapshot(model)
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES)
+    assert result.status == "rejected"
+    assert "non-finite" in result.reason and f"layer {LAYER}" in result.reason
+    assert result.patches == []
+    assert_same_weights(model, before)
+
+
+def test_rejection_at_a_later_layer_rolls_back_the_earlier_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, tok, names = load("gpt2")
+    bad = torch.full((64,), float("inf"))
+    fix_delta(monkeypatch, lambda layer: bad if layer == 2 else random_delta(64))
+    before = snapshot(model)
+    result = edit(model, tok, REQUEST, hparams(layers=[1, 2]), names, templates=TEMPLATES)
+    assert result.status == "rejected" and "layer 2" in result.reason
+    assert [e.layer for e in result.layers] == [1, 2]
+    assert_same_weights(model, before)
+
+
+def test_update_ratio_limit_rejects(family: str) -> None:
+    model, tok, names = load(family)
+    before = snapshot(model)
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES,
+                  max_update_ratio=1e-6)
+    assert result.status == "rejected"
+    assert "update ratio" in result.reason and "1e-06" in result.reason
+    assert result.layers[0].update_ratio > 1e-6
+    assert_same_weights(model, before)
+
+
+def test_apply_update_refuses_non_finite() -> None:
+    linear = nn.Linear(4, 3)
+    before = linear.weight.detach().clone()
+    bad = torch.zeros(3, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError):
+        apply_update(linear, bad)
+    assert torch.equal(linear.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The value pass: prefix KV cache + suffix == one plain forward with delta added.
+
+
+@torch.no_grad()
+def reference_hidden(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
+                     rows: list[list[int]], subject_at: list[int], delta: torch.Tensor
+                     ) -> torch.Tensor:
+    """Final hidden states of right-padded full rows, no cache, delta added by our own hook."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+
+    def add_delta(_m: nn.Module, _i: Any, out: Any) -> Any:
+        first = (out[0] if isinstance(out, tuple) else out).clone()
+        first[torch.arange(len(rows)), torch.tensor(subject_at)] += delta.to(first.dtype)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+
+    hook = model.get_submodule(names.mlp(LAYER)).register_forward_hook(add_delta)
+    try:
+        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+    finally:
+        hook.remove()
+
+
+def expected_rows(tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
+                  ) -> tuple[list[list[int]], list[int], list[tuple[int, int, int]]]:
+    """(token rows fed to the model, subject's last token per row, (row, position, id) targets).
+
+    Teacher forcing: each row is the prompt + " target" without its last token, and the token at
+    position j is predicted by the logits at j - 1. The last row is "{subject} is a".
+    """
+    rows, subject_at, targets = [], [], []
+    for r, template in enumerate(templates):
+        text = template_text(request, template)
+        full = tok(f"{text} {request.target_new}").input_ids
+        n_prompt = len(tok(text).input_ids)
+        rows.append(full[:-1])
+        subject_at.append(subject_last_index(tok, text, request.subject))
+        targets += [(r, j - 1, full[j]) for j in range(n_prompt, len(full))]
+    kl_text = f"{request.subject} is a"
+    rows.append(tok(kl_text).input_ids)
+    subject_at.append(subject_last_index(tok, kl_text, request.subject))
+    return rows, subject_at, targets
+
+
+def check_suffix_runner(
+    family: str, request: EditRequest, templates: list[str], passes: int
+) -> None:
+    model, tok, names = load(family)
+    prompts = [templated(tok, request, t) for t in templates]
+    batch = build_batch(tok, prompts, request.target_new, request.subject, torch.device("cpu"))
+    rows, subject_at, targets = expected_rows(tok, request, templates)
+    delta = random_delta(model.config.hidden_size, seed=4)
+    expected = reference_hidden(model, tok, names, rows, subject_at, delta)
+    plain = reference_hidden(model, tok, names, rows, subject_at, torch.zeros_like(delta))
+    assert (expected - plain).abs().max() > 1e-2  # delta does reach the final layer
+
+    assert batch.target_ids.tolist() == [t for _, _, t in targets]
+    assert batch.n_rewrite == len(templates)
+    runner = SuffixRunner(model, batch)
+
+    def add_delta(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, 0] += delta  # suffix column 0 is each row's subject token
+        return out
+
+    for _ in range(passes):  # the cache must be reset between passes
+        hook = model.get_submodule(names.mlp(LAYER)).register_forward_hook(add_delta)
+        try:
+            with torch.no_grad():
+                hidden = runner.hidden()
+        finally:
+            hook.remove()
+        for r, (row, s) in enumerate(zip(rows, subject_at, strict=True)):
+            n_suffix = len(row) - s
+            assert int(batch.suffix_mask[r].sum()) == n_suffix
+            fp32_close(hidden[r, :n_suffix], expected[r, s : len(row)], rtol=1e-4)
+        logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
+        at = torch.tensor([[r, p] for r, p, _ in targets])
+        logits = model.get_output_embeddings()(expected[at[:, 0], at[:, 1]]).float()
+        fp32_close(logp, torch.log_softmax(logits, -1), rtol=1e-4)
+
+
+def test_suffix_pass_matches_full_forward(family: str) -> None:
+    check_suffix_runner(family, REQUEST, TEMPLATES, passes=2)
+
+
+def test_suffix_pass_with_subject_first_in_the_prompt(family: str) -> None:
+    model, tok, _ = load(family)
+    assert subject_last_index(tok, FIRST_TOKEN.text, "The") == 0  # empty prefix row
+    check_suffix_runner(family, FIRST_TOKEN, TEMPLATES, passes=2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_suffix_pass_when_every_prefix_is_empty(family: str) -> None:
+    check_suffix_runner(family, FIRST_TOKEN, ["{}"], passes=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Templates.
+
+
+def test_generate_templates(tmp_path: Path) -> None:
+    model, tok, _ = load("llama")
+    rng_before = torch.random.get_rng_state()
+    templates = generate_templates(model, tok, [[3, 2], [2, 3]], seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # global RNG untouched
+    assert templates == generate_templates(model, tok, [[3, 2], [2, 3]], seed=0)
+    assert templates != generate_templates(model, tok, [[3, 2], [2, 3]], seed=1)
+    assert len(templates) == 1 + 2 + 3
+    assert templates[0] == "{}"
+    assert all(t.count("{}") == 1 for t in templates)
+
+    path = tmp_path / "templates.json"
+    save_templates(templates, path)
+    assert load_templates(path) == templates
+
+
+@pytest.mark.parametrize(
+    "content", ['{"a": "{}"}', '["{}", "no slot"]', '["{} and {}"]', '["{}", 3]']
+)
+def test_load_templates_rejects_a_bad_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "templates.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="templates.json"):
+        load_templates(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10-12. Patches, several layers, key statistics.
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [("gpt2", torch.float32), ("llama", torch.float32), ("llama", torch.bfloat16)],
+)
+def test_saved_patches_reproduce_sequential_edits(family: str, dtype: torch.dtype,
+                                                  tmp_path: Path) -> None:
+    model, tok, names = load(family, dtype)
+    patches = []
+    for request in (REQUEST, SECOND):
+        result = edit(model, tok, request, hparams(), names, templates=TEMPLATES)
+        assert result.status == "applied", result.reason
+        patches += result.patches
+    path = tmp_path / "patches.safetensors"
+    save_patches(path, patches)
+    loaded = load_patches(path)
+    assert [(p.layer, p.module, p.dtype, p.request) for p in loaded] == [
+        (p.layer, p.module, p.dtype, p.request) for p in patches
+    ]
+    for saved, original in zip(loaded, patches, strict=True):
+        assert torch.equal(saved.left, original.left) and torch.equal(saved.right, original.right)
+
+    fresh, _, _ = load(family, dtype)
+    for patch in loaded:
+        apply_patch(fresh, patch)
+    assert_same_weights(fresh, snapshot(model))
+
+
+def test_load_patches_rejects_other_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"other": json.dumps([])})
+    with pytest.raises(ValueError, match="weights.safetensors"):
+        load_patches(path)
+
+
+def test_several_layers_are_edited_in_turn() -> None:
+    model, tok, names = load("llama")
+    before = snapshot(model)
+    result = edit(model, tok, REQUEST, hparams(layers=[1, 2]), names, templates=TEMPLATES)
+    assert result.status == "applied"
+    assert [p.module for p in result.patches] == [names.rewrite(1), names.rewrite(2)]
+    changed = {names.rewrite(layer) + ".weight" for layer in (1, 2)}
+    for name in changed:
+        assert not torch.equal(model.state_dict()[name], before[name])
+    assert_same_weights(model, before, skip=frozenset(changed))
+    result.revert(model)
+    assert_same_weights(model, before)
+
+
+def test_missing_statistics_is_an_error() -> None:
+    model, tok, names = load("llama")
+    before = snapshot(model)
+    hp = hparams(mom2_adjustment=True)
+    with pytest.raises(MissingStatisticsError, match=f"layer {LAYER}"):
+        edit(model, tok, REQUEST, hp, names, templates=TEMPLATES)
+    other_layer = {LAYER + 1: KeyCovariance(torch.eye(128))}
+    with pytest.raises(MissingStatisticsError, match="mom2_adjustment"):
+        edit(model, tok, REQUEST, hp, names, covariances=other_layer, templates=TEMPLATES)
+    assert_same_weights(model, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_edit_with_key_statistics_solves_against_c(family: str) -> None:
+    model, tok, names = load(family)
+    k_star = reference_keys(model, tok, names, REQUEST, TEMPLATES).mean(0).double()
+    c = random_spd(k_star.shape[0], torch.Generator().manual_seed(13))
+    covariances = {LAYER: KeyCovariance(c.float(), ridge=0.0)}
+    result = edit(model, tok, REQUEST, hparams(mom2_adjustment=True), names,
+                  covariances=covariances, templates=TEMPLATES)
+    assert result.status == "applied"
+    c_inv_k = torch.linalg.solve(c, k_star)
+    fp32_close(result.patches[0].left, unit(c_inv_k))
+    assert result.layers[0].denominator == pytest.approx(float(k_star @ c_inv_k), rel=1e-4)
