@@ -22,8 +22,9 @@ from rrome_cli.models.families import num_layers
 from rrome_cli.models.loading import LoadedModel, load_model
 
 
-def _full_forward_seconds(loaded: LoadedModel, tokens: int, max_len: int,
-                          batch_tokens: int) -> float:
+def _full_forward_seconds(
+    loaded: LoadedModel, tokens: int, max_len: int, batch_tokens: int
+) -> float:
     """Seconds for plain full forwards (logits included) over the stats pass's batches."""
     corpus = stats.open_corpus(None)
     # Tokenised before the clock starts.
@@ -37,17 +38,29 @@ def _full_forward_seconds(loaded: LoadedModel, tokens: int, max_len: int,
     return time.perf_counter() - start
 
 
-def bench_stats(loaded: LoadedModel, layer: int, tokens: int,
-                max_len: int = stats.DEFAULT_MAX_LEN,
-                batch_tokens: int = stats.DEFAULT_BATCH_TOKENS) -> dict[str, float | int | str]:
+def bench_stats(
+    loaded: LoadedModel,
+    layer: int,
+    tokens: int,
+    max_len: int = stats.DEFAULT_MAX_LEN,
+    batch_tokens: int = stats.DEFAULT_BATCH_TOKENS,
+) -> dict[str, float | int | str]:
     """tokens/s of ``second_moment`` (computed, not cached) and of a full forward; ratio > 1
     means the stats pass is that many times faster per token."""
     with tempfile.TemporaryDirectory() as stats_dir:
         start = time.perf_counter()
         result = stats.second_moment(
-            loaded.model, loaded.tok, loaded.names, layer, model_id=loaded.model_id,
-            revision=loaded.revision, tokens=tokens, max_len=max_len, batch_tokens=batch_tokens,
-            stats_dir=Path(stats_dir), progress=False,
+            loaded.model,
+            loaded.tok,
+            loaded.names,
+            layer,
+            model_id=loaded.model_id,
+            revision=loaded.revision,
+            tokens=tokens,
+            max_len=max_len,
+            batch_tokens=batch_tokens,
+            stats_dir=Path(stats_dir),
+            progress=False,
         )
         stats_seconds = time.perf_counter() - start
     full_seconds = _full_forward_seconds(loaded, tokens, max_len, batch_tokens)

@@ -29,17 +29,38 @@ def test_help_lists_commands_and_real_options() -> None:
     for command in ("edit", "eval", "memcheck", "stats"):
         assert command in top.stdout
     edit_help = run("edit", "--help").stdout
-    for option in ("--model", "--hparams", "--fp16", "--bf16", "--devices", "--out", "--format",
-                   "--limit", "--seed", "--skip-invalid", "--report", "--sequential",
-                   "--resume", "--variant", "--max-update-ratio", "--save-model"):
+    for option in (
+        "--model",
+        "--hparams",
+        "--fp16",
+        "--bf16",
+        "--devices",
+        "--out",
+        "--format",
+        "--limit",
+        "--seed",
+        "--skip-invalid",
+        "--report",
+        "--sequential",
+        "--resume",
+        "--variant",
+        "--max-update-ratio",
+        "--save-model",
+    ):
         assert option in edit_help, option
     assert "--max-memory" in run("memcheck", "--help").stdout
     assert "--patches" in run("eval", "--help").stdout
 
 
 def test_bad_record_exits_2_naming_file_line_field(tmp_path: Path) -> None:
-    result = run("edit", str(DATA / "bad-requests.jsonl"), "--model", "tiny-llama",
-                 "--out", str(tmp_path / "run"))
+    result = run(
+        "edit",
+        str(DATA / "bad-requests.jsonl"),
+        "--model",
+        "tiny-llama",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 2
     assert "bad-requests.jsonl:2" in result.stderr
     assert "field" in result.stderr
@@ -49,8 +70,15 @@ def test_bad_record_exits_2_naming_file_line_field(tmp_path: Path) -> None:
 
 
 def test_skip_invalid_edits_the_valid_records(tmp_path: Path) -> None:
-    result = run("edit", str(DATA / "bad-requests.jsonl"), "--model", "tiny-llama",
-                 "--skip-invalid", "--out", str(tmp_path / "run"))
+    result = run(
+        "edit",
+        str(DATA / "bad-requests.jsonl"),
+        "--model",
+        "tiny-llama",
+        "--skip-invalid",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 0, result.stderr
     lines = (tmp_path / "run" / "report.jsonl").read_text().splitlines()
     assert [json.loads(x)["source"].rsplit(":", 1)[1] for x in lines] == ["1", "8"]
@@ -66,16 +94,31 @@ def test_unknown_hparams_key_exits_2_with_suggestion(tmp_path: Path) -> None:
 
 
 def test_missing_requests_file_exits_2(tmp_path: Path) -> None:
-    result = run("edit", str(tmp_path / "nope.jsonl"), "--model", "tiny-llama",
-                 "--out", str(tmp_path / "run"))
+    result = run(
+        "edit",
+        str(tmp_path / "nope.jsonl"),
+        "--model",
+        "tiny-llama",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 2
     assert "nope.jsonl" in result.stderr
 
 
 def test_pipeline_stdin_to_report_on_stdout(tmp_path: Path) -> None:
     lines = SAMPLE.read_text().splitlines()[:2]
-    result = run("edit", "-", "--model", "tiny-llama", "--report", "-",
-                 "--out", str(tmp_path / "run"), input="\n".join(lines) + "\n")
+    result = run(
+        "edit",
+        "-",
+        "--model",
+        "tiny-llama",
+        "--report",
+        "-",
+        "--out",
+        str(tmp_path / "run"),
+        input="\n".join(lines) + "\n",
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(x) for x in result.stdout.splitlines()]  # stdout is pure JSONL
     assert [r["index"] for r in records] == [0, 1]
@@ -108,11 +151,17 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, sequential
             raise Crash
 
     with pytest.raises(Crash):
-        run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console,
-                  after_record=crash_after_two)
+        run_edits(
+            load_model("tiny-llama"),
+            hp,
+            options(tmp_path / "cut"),
+            console,
+            after_record=crash_after_two,
+        )
     assert len((tmp_path / "cut" / "report.jsonl").read_text().splitlines()) == 2
-    run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console,
-              resume=tmp_path / "cut")
+    run_edits(
+        load_model("tiny-llama"), hp, options(tmp_path / "cut"), console, resume=tmp_path / "cut"
+    )
 
     def report(d: Path) -> list[dict]:
         return [_strip_times(json.loads(x)) for x in (d / "report.jsonl").read_text().splitlines()]
@@ -126,8 +175,12 @@ def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:
     loaded = load_model("tiny-llama")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     hp = load_hparams(shipped_hparams("tiny-llama"))
-    run_edits(loaded, hp, RunOptions(requests=str(SAMPLE), limit=3, out=tmp_path / "r"),
-              Console(quiet=True))
+    run_edits(
+        loaded,
+        hp,
+        RunOptions(requests=str(SAMPLE), limit=3, out=tmp_path / "r"),
+        Console(quiet=True),
+    )
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -136,8 +189,19 @@ def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
     from rrome_cli.engine.update import load_patches
 
     out = tmp_path / "seq"
-    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--limit", "3", "--sequential",
-                 "--retrospective", "--save-model", "--out", str(out))
+    result = run(
+        "edit",
+        str(SAMPLE),
+        "--model",
+        "tiny-llama",
+        "--limit",
+        "3",
+        "--sequential",
+        "--retrospective",
+        "--save-model",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.stderr
     assert len(load_patches(out / "patches.safetensors")) == 3
     records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
@@ -149,8 +213,18 @@ def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
 
 def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:
     out = tmp_path / "rej"
-    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--limit", "2",
-                 "--max-update-ratio", "1e-9", "--out", str(out))
+    result = run(
+        "edit",
+        str(SAMPLE),
+        "--model",
+        "tiny-llama",
+        "--limit",
+        "2",
+        "--max-update-ratio",
+        "1e-9",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["rejected", "rejected"]

@@ -65,8 +65,14 @@ def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
 def test_ships_every_model_and_fixture() -> None:
     names = {p.stem for p in SHIPPED}
     expected = {a for a in ALIASES if a != "smollm2-135m"}  # the lead tunes smollm2's file
-    expected |= {"tiny-gpt2", "tiny-gptj", "tiny-gpt-neox", "tiny-llama", "tiny-mistral",
-                 "tiny-qwen2"}
+    expected |= {
+        "tiny-gpt2",
+        "tiny-gptj",
+        "tiny-gpt-neox",
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-qwen2",
+    }
     assert expected <= names
 
 

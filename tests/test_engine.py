@@ -40,7 +40,9 @@ LAYER = 1
 # Fixed context templates (no sampling): different lengths, so rows pad differently.
 TEMPLATES = ["{}", "The capital of Japan is Tokyo. {}", "Rome. {}"]
 REQUEST = EditRequest(
-    prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
+    prompt="The mother tongue of {} is",
+    subject="Danielle Darrieux",
+    target_new="English",
     case_id=7,
 )
 SECOND = EditRequest(
@@ -69,7 +71,9 @@ def load(family: str, dtype: torch.dtype = torch.float32) -> Model:
 
 def hparams(**overrides: Any) -> HParams:
     settings: dict[str, Any] = dict(
-        layers=[LAYER], v_num_grad_steps=5, context_template_length_params=[[3, 2]],
+        layers=[LAYER],
+        v_num_grad_steps=5,
+        context_template_length_params=[[3, 2]],
         mom2_adjustment=False,
     )
     return HParams(**{**settings, **overrides})
@@ -104,38 +108,46 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def fp32_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
     """Equal to fp32 accuracy, relative to the expected tensor's scale."""
-    expected = expected.double()
+    expected = expected.detach().double()
     scale = float(expected.abs().max())
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=rtol * scale)
 
 
 # ---------------------------------------------------------------------------------------------
 # Independent references: our own hooks and our own tokenisation.
 
 
-def template_text(request: EditRequest, template: str) -> str:
-    return template.replace("{}", request.prompt.replace("{}", request.subject))
+def template_text(request: EditRequest, template: str) -> tuple[str, int]:
+    """The templated prompt and the character just after its subject."""
+    text = template.replace("{}", request.prompt.replace("{}", request.subject))
+    subject_end = template.index("{}") + request.prompt.index("{}") + len(request.subject)
+    return text, subject_end
 
 
-def subject_last_index(tok: PreTrainedTokenizerBase, text: str, subject: str) -> int:
+def subject_last_index(tok: PreTrainedTokenizerBase, text: str, subject_end: int) -> int:
     """The subject's last token, by tokenising the text up to the subject's end.
 
     Valid here because every subject ends at a word boundary, where both pre-tokenizers split.
     """
-    end = text.index(subject) + len(subject)
-    head = tok(text[:end]).input_ids
+    head = tok(text[:subject_end]).input_ids
     assert tok(text).input_ids[: len(head)] == head  # the reference's own precondition
     return len(head) - 1
 
 
 @torch.no_grad()
-def output_at_subject(model: PreTrainedModel, tok: PreTrainedTokenizerBase, module: nn.Module,
-                      request: EditRequest, templates: list[str], read_input: bool) -> torch.Tensor:
+def output_at_subject(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    module: nn.Module,
+    request: EditRequest,
+    templates: list[str],
+    read_input: bool,
+) -> torch.Tensor:
     """``module``'s input (or output) at the subject's last token, one unpadded prompt at a
     time: (n_templates, d) fp32."""
     rows = []
     for template in templates:
-        text = template_text(request, template)
+        text, subject_end = template_text(request, template)
         captured: list[torch.Tensor] = []
 
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], sink: list = captured) -> None:
@@ -144,25 +156,38 @@ def output_at_subject(model: PreTrainedModel, tok: PreTrainedTokenizerBase, modu
         def post_hook(_m: nn.Module, _i: Any, out: Any, sink: list = captured) -> None:
             sink.append(out[0] if isinstance(out, tuple) else out)
 
-        hook = (module.register_forward_pre_hook(pre_hook) if read_input
-                else module.register_forward_hook(post_hook))
+        hook = (
+            module.register_forward_pre_hook(pre_hook)
+            if read_input
+            else module.register_forward_hook(post_hook)
+        )
         try:
             model(input_ids=torch.tensor([tok(text).input_ids]))
         finally:
             hook.remove()
-        rows.append(captured[0][0, subject_last_index(tok, text, request.subject)].float())
+        rows.append(captured[0][0, subject_last_index(tok, text, subject_end)].float())
     return torch.stack(rows)
 
 
-def reference_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
-                   request: EditRequest, templates: list[str]) -> torch.Tensor:
+def reference_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    request: EditRequest,
+    templates: list[str],
+) -> torch.Tensor:
     """W's input at the subject's last token: (n_templates, d_in) fp32."""
     w_module = model.get_submodule(names.rewrite(LAYER))
     return output_at_subject(model, tok, w_module, request, templates, read_input=True)
 
 
-def mlp_outputs(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
-                request: EditRequest, templates: list[str]) -> torch.Tensor:
+def mlp_outputs(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    request: EditRequest,
+    templates: list[str],
+) -> torch.Tensor:
     """The MLP's output at the subject's last token: (n_templates, d_out) fp32."""
     mlp = model.get_submodule(names.mlp(LAYER))
     return output_at_subject(model, tok, mlp, request, templates, read_input=False)
@@ -382,8 +407,11 @@ def test_update_lands_in_either_weight_layout(family: str) -> None:
     patch = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES).patches[0]
     assert is_conv1d(module) == (family == "gpt2")
     # Conv1D stores (d_in, d_out); nn.Linear stores (d_out, d_in).
-    expected = torch.outer(patch.left, patch.right) if is_conv1d(module) else torch.outer(
-        patch.right, patch.left)
+    expected = (
+        torch.outer(patch.left, patch.right)
+        if is_conv1d(module)
+        else torch.outer(patch.right, patch.left)
+    )
     assert module.weight.shape == expected.shape
     fp32_close(module.weight.detach() - before, expected, rtol=1e-5)
 
@@ -410,8 +438,9 @@ def test_revert_restores_bit_for_bit(family: str, dtype: torch.dtype) -> None:
     model, tok, names = load(family, dtype)
     before = snapshot(model)
     result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES)
-    assert not torch.equal(w_of(model, names), before[names.rewrite(LAYER) + ".weight"].T
-                           if family == "gpt2" else before[names.rewrite(LAYER) + ".weight"])
+    weight = names.rewrite(LAYER) + ".weight"
+    assert result.status == "applied"
+    assert not torch.equal(model.state_dict()[weight], before[weight])
     result.revert(model)
     assert_same_weights(model, before)
     result.revert(model)  # a second revert changes nothing
@@ -451,8 +480,7 @@ def test_rejection_at_a_later_layer_rolls_back_the_earlier_one(
 def test_update_ratio_limit_rejects(family: str) -> None:
     model, tok, names = load(family)
     before = snapshot(model)
-    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES,
-                  max_update_ratio=1e-6)
+    result = edit(model, tok, REQUEST, hparams(), names, templates=TEMPLATES, max_update_ratio=1e-6)
     assert result.status == "rejected"
     assert "update ratio" in result.reason and "1e-06" in result.reason
     assert result.layers[0].update_ratio > 1e-6
@@ -474,9 +502,14 @@ def test_apply_update_refuses_non_finite() -> None:
 
 
 @torch.no_grad()
-def reference_hidden(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
-                     rows: list[list[int]], subject_at: list[int], delta: torch.Tensor
-                     ) -> torch.Tensor:
+def reference_hidden(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    rows: list[list[int]],
+    subject_at: list[int],
+    delta: torch.Tensor,
+) -> torch.Tensor:
     """Final hidden states of right-padded full rows, no cache, delta added by our own hook."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
@@ -497,8 +530,9 @@ def reference_hidden(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names
         hook.remove()
 
 
-def expected_rows(tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
-                  ) -> tuple[list[list[int]], list[int], list[tuple[int, int, int]]]:
+def expected_rows(
+    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
+) -> tuple[list[list[int]], list[int], list[tuple[int, int, int]]]:
     """(token rows fed to the model, subject's last token per row, (row, position, id) targets).
 
     Teacher forcing: each row is the prompt + " target" without its last token, and the token at
@@ -506,15 +540,15 @@ def expected_rows(tok: PreTrainedTokenizerBase, request: EditRequest, templates:
     """
     rows, subject_at, targets = [], [], []
     for r, template in enumerate(templates):
-        text = template_text(request, template)
+        text, subject_end = template_text(request, template)
         full = tok(f"{text} {request.target_new}").input_ids
         n_prompt = len(tok(text).input_ids)
         rows.append(full[:-1])
-        subject_at.append(subject_last_index(tok, text, request.subject))
+        subject_at.append(subject_last_index(tok, text, subject_end))
         targets += [(r, j - 1, full[j]) for j in range(n_prompt, len(full))]
     kl_text = f"{request.subject} is a"
     rows.append(tok(kl_text).input_ids)
-    subject_at.append(subject_last_index(tok, kl_text, request.subject))
+    subject_at.append(subject_last_index(tok, kl_text, len(request.subject)))
     return rows, subject_at, targets
 
 
@@ -562,7 +596,7 @@ def test_suffix_pass_matches_full_forward(family: str) -> None:
 
 def test_suffix_pass_with_subject_first_in_the_prompt(family: str) -> None:
     model, tok, _ = load(family)
-    assert subject_last_index(tok, FIRST_TOKEN.text, "The") == 0  # empty prefix row
+    assert subject_last_index(tok, FIRST_TOKEN.text, len("The")) == 0  # empty prefix row
     check_suffix_runner(family, FIRST_TOKEN, TEMPLATES, passes=2)
 
 
@@ -609,8 +643,9 @@ def test_load_templates_rejects_a_bad_file(tmp_path: Path, content: str) -> None
     ("family", "dtype"),
     [("gpt2", torch.float32), ("llama", torch.float32), ("llama", torch.bfloat16)],
 )
-def test_saved_patches_reproduce_sequential_edits(family: str, dtype: torch.dtype,
-                                                  tmp_path: Path) -> None:
+def test_saved_patches_reproduce_sequential_edits(
+    family: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
     model, tok, names = load(family, dtype)
     patches = []
     for request in (REQUEST, SECOND):
@@ -671,8 +706,15 @@ def test_edit_with_key_statistics_solves_against_c(family: str) -> None:
     k_star = reference_keys(model, tok, names, REQUEST, TEMPLATES).mean(0).double()
     c = random_spd(k_star.shape[0], torch.Generator().manual_seed(13))
     covariances = {LAYER: KeyCovariance(c.float(), ridge=0.0)}
-    result = edit(model, tok, REQUEST, hparams(mom2_adjustment=True), names,
-                  covariances=covariances, templates=TEMPLATES)
+    result = edit(
+        model,
+        tok,
+        REQUEST,
+        hparams(mom2_adjustment=True),
+        names,
+        covariances=covariances,
+        templates=TEMPLATES,
+    )
     assert result.status == "applied"
     c_inv_k = torch.linalg.solve(c, k_star)
     fp32_close(result.patches[0].left, unit(c_inv_k))

@@ -55,8 +55,12 @@ class TableLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> SimpleNamespace:
         self.calls += 1
         return SimpleNamespace(logits=self.table[input_ids])
 
@@ -88,13 +92,13 @@ def byte_tok():
 
 def test_answer_tokens_are_the_continuation_tokens(sp_tok, byte_tok):
     enc = encode_pair(sp_tok, "The capital of Japan is", "Tokyo")
-    assert enc.input_ids[enc.answer_start:] == ids(sp_tok, "▁Tok", "y", "o")
+    assert enc.input_ids[enc.answer_start :] == ids(sp_tok, "▁Tok", "y", "o")
     assert enc.input_ids[enc.answer_start - 1] == ids(sp_tok, "▁is")[0]
     one = encode_pair(byte_tok, "The capital of France is", "Paris")
-    assert one.input_ids[one.answer_start:] == ids(byte_tok, "ĠParis")
+    assert one.input_ids[one.answer_start :] == ids(byte_tok, "ĠParis")
     # a separator that the tokenizer keeps apart from the answer belongs to the answer
     digits = encode_pair(byte_tok, "Rome is", "42")
-    assert digits.input_ids[digits.answer_start:] == ids(byte_tok, "Ġ", "4", "2")
+    assert digits.input_ids[digits.answer_start :] == ids(byte_tok, "Ġ", "4", "2")
 
 
 def test_leading_and_trailing_spaces_do_not_change_the_answer(sp_tok):
@@ -126,8 +130,13 @@ def test_bos_is_added_when_the_tokenizer_adds_one():
 
 def tokyo_table(tok) -> tuple[torch.Tensor, dict[tuple[str, str], float]]:
     """Rows for "... is Tokyo" / "... is Paris": argmax hits ▁Tok and o but misses y."""
-    entries = {("▁is", "▁Tok"): 4.0, ("▁Tok", "y"): 1.0, ("▁Tok", "o"): 3.0, ("y", "o"): 2.0,
-               ("▁Pari", "s"): 5.0}
+    entries = {
+        ("▁is", "▁Tok"): 4.0,
+        ("▁Tok", "y"): 1.0,
+        ("▁Tok", "o"): 3.0,
+        ("y", "o"): 2.0,
+        ("▁Pari", "s"): 5.0,
+    }
     table = torch.zeros(len(tok), len(tok))
     for (prev, nxt), value in entries.items():
         table[ids(tok, prev)[0], ids(tok, nxt)[0]] = value
@@ -145,9 +154,11 @@ def test_rewrite_accuracy_and_nll_by_hand(sp_tok):
     assert score.answer_ids == ids(sp_tok, "▁Tok", "y", "o")
     assert score.predicted_ids == ids(sp_tok, "▁Tok", "o", "o")
     assert score.accuracy == pytest.approx(2 / 3)
-    expected = [hand_logprob(sp_tok, entries, "▁is", "▁Tok"),
-                hand_logprob(sp_tok, entries, "▁Tok", "y"),
-                hand_logprob(sp_tok, entries, "y", "o")]
+    expected = [
+        hand_logprob(sp_tok, entries, "▁is", "▁Tok"),
+        hand_logprob(sp_tok, entries, "▁Tok", "y"),
+        hand_logprob(sp_tok, entries, "y", "o"),
+    ]
     assert score.token_logprobs == pytest.approx(expected, abs=1e-5)
     assert score.nll == pytest.approx(-sum(expected) / 3, abs=1e-5)
 
@@ -169,7 +180,10 @@ def test_locality_agreement_example():
 
 def tokyo_request() -> EditRequest:
     return EditRequest(
-        prompt="The capital of {} is", subject="Japan", target_new="Tokyo", ground_truth="Paris",
+        prompt="The capital of {} is",
+        subject="Japan",
+        target_new="Tokyo",
+        ground_truth="Paris",
         rephrase_prompts=["The capital of Japan is"],
         locality=[("Rome is in", "Italy")],
         portability=[("The capital of Japan is", "Tokyo")],
@@ -187,11 +201,21 @@ def test_evaluate_request_pre_and_post_by_hand(sp_tok):
     assert pre["locality"] == 1.0
     assert reference.locality_argmax == [[0, 0, y]]  # rows of ▁in and ▁It are flat: token 0
 
-    nll_new = -(hand_logprob(sp_tok, entries, "▁is", "▁Tok")
-                + hand_logprob(sp_tok, entries, "▁Tok", "y")
-                + hand_logprob(sp_tok, entries, "y", "o")) / 3
-    nll_true = -(hand_logprob(sp_tok, entries, "▁is", "▁Pari")
-                 + hand_logprob(sp_tok, entries, "▁Pari", "s")) / 2
+    nll_new = (
+        -(
+            hand_logprob(sp_tok, entries, "▁is", "▁Tok")
+            + hand_logprob(sp_tok, entries, "▁Tok", "y")
+            + hand_logprob(sp_tok, entries, "y", "o")
+        )
+        / 3
+    )
+    nll_true = (
+        -(
+            hand_logprob(sp_tok, entries, "▁is", "▁Pari")
+            + hand_logprob(sp_tok, entries, "▁Pari", "s")
+        )
+        / 2
+    )
     assert pre["rewrite_acc"] == pytest.approx(2 / 3)
     assert pre["rephrase_acc"] == pytest.approx(2 / 3)
     assert pre["portability"] == pytest.approx(2 / 3)
@@ -279,19 +303,31 @@ def test_normalised_word_entropy_by_hand():
 
 def test_collapse_rule():
     records = [
-        {"index": 0, "guard": {"update_ratio": 0.010, "cumulative_ratio": 0.01},
-         "probe_entropy": 0.80},
+        {
+            "index": 0,
+            "guard": {"update_ratio": 0.010, "cumulative_ratio": 0.01},
+            "probe_entropy": 0.80,
+        },
         {"index": 1, "guard": {"update_ratio": 0.012, "cumulative_ratio": 0.02}},
-        {"index": 2, "guard": {"update_ratio": 0.011, "cumulative_ratio": 0.03},
-         "probe_entropy": 0.75},
+        {
+            "index": 2,
+            "guard": {"update_ratio": 0.011, "cumulative_ratio": 0.03},
+            "probe_entropy": 0.75,
+        },
         {"index": 3, "guard": {"update_ratio": 0.500, "cumulative_ratio": 0.50}},
-        {"index": 4, "guard": {"update_ratio": 0.013, "cumulative_ratio": 0.60},
-         "probe_entropy": 0.70},
+        {
+            "index": 4,
+            "guard": {"update_ratio": 0.013, "cumulative_ratio": 0.60},
+            "probe_entropy": 0.70,
+        },
         {"index": 5, "guard": {"update_ratio": 0.012, "cumulative_ratio": 1.20}},
     ]
     signals = collapse_signals(records, baseline_entropy=0.80)
     assert [(s.index, s.reason) for s in signals] == [
-        (3, "update blow-up"), (4, "entropy"), (5, "drift")]
+        (3, "update blow-up"),
+        (4, "entropy"),
+        (5, "drift"),
+    ]
     assert signals[0].threshold == pytest.approx(10 * 0.011)
     assert signals[1].threshold == pytest.approx(0.72)
     assert first_collapse(records, 0.80).index == 3
@@ -315,16 +351,28 @@ def test_bootstrap_interval():
 
 
 RECORDS = [
-    {"index": 0, "status": "applied", "guard": {"update_ratio": 0.25, "cumulative_ratio": 0.25},
-     "probe_entropy": 0.875,
-     "pre": {"rewrite_acc": 0.0, "es": 0.0, "ps": 0.0, "ns": 1.0},
-     "post": {"rewrite_acc": 1.0, "es": 1.0, "ps": 1.0, "ns": 1.0}},
-    {"index": 1, "status": "applied", "guard": {"update_ratio": 0.125, "cumulative_ratio": 0.375},
-     "pre": {"rewrite_acc": 0.5, "es": 0.0, "ps": 1.0, "ns": 1.0},
-     "post": {"rewrite_acc": 1.0, "es": 1.0, "ps": 0.5, "ns": 0.5}},
-    {"index": 2, "status": "rejected", "guard": {"update_ratio": 9.0},
-     "pre": {"rewrite_acc": 0.25, "es": 0.0, "ps": 0.0, "ns": 1.0},
-     "post": {"rewrite_acc": 0.25, "es": 0.0, "ps": 0.0, "ns": 1.0}},
+    {
+        "index": 0,
+        "status": "applied",
+        "guard": {"update_ratio": 0.25, "cumulative_ratio": 0.25},
+        "probe_entropy": 0.875,
+        "pre": {"rewrite_acc": 0.0, "es": 0.0, "ps": 0.0, "ns": 1.0},
+        "post": {"rewrite_acc": 1.0, "es": 1.0, "ps": 1.0, "ns": 1.0},
+    },
+    {
+        "index": 1,
+        "status": "applied",
+        "guard": {"update_ratio": 0.125, "cumulative_ratio": 0.375},
+        "pre": {"rewrite_acc": 0.5, "es": 0.0, "ps": 1.0, "ns": 1.0},
+        "post": {"rewrite_acc": 1.0, "es": 1.0, "ps": 0.5, "ns": 0.5},
+    },
+    {
+        "index": 2,
+        "status": "rejected",
+        "guard": {"update_ratio": 9.0},
+        "pre": {"rewrite_acc": 0.25, "es": 0.0, "ps": 0.0, "ns": 1.0},
+        "post": {"rewrite_acc": 0.25, "es": 0.0, "ps": 0.0, "ns": 1.0},
+    },
     {"index": 3, "status": "failed", "pre": {"rewrite_acc": 0.25, "es": 1.0, "ps": 0.0, "ns": 0.0}},
 ]
 
@@ -345,12 +393,24 @@ def test_summarise_counts_means_and_s():
 
 def test_render_summary_shows_provenance_and_metrics():
     console = Console(file=io.StringIO(), width=140, record=True)
-    provenance = {"variant": "r-rome", "covariance": "wikitext cache", "dtype": "fp32",
-                  "protocol": "sequential-immediate"}
+    provenance = {
+        "variant": "r-rome",
+        "covariance": "wikitext cache",
+        "dtype": "fp32",
+        "protocol": "sequential-immediate",
+    }
     render_summary(summarise(RECORDS, n_boot=100), provenance, console)
     text = console.export_text()
-    for expected in ("r-rome", "wikitext cache", "sequential-immediate", "rewrite_acc", "0.250",
-                     "1 rejected", "1 failed", "S"):
+    for expected in (
+        "r-rome",
+        "wikitext cache",
+        "sequential-immediate",
+        "rewrite_acc",
+        "0.250",
+        "1 rejected",
+        "1 failed",
+        "S",
+    ):
         assert expected in text
 
 
@@ -383,10 +443,15 @@ def test_html_report_is_self_contained_and_holds_the_data(tmp_path):
     parser.feed(path.read_text(encoding="utf-8"))
     assert "script" not in parser.tags and "link" not in parser.tags and parser.urls == []
     assert parser.tags.count("svg") == 4 + 3  # 4 metric histograms, 3 sequential plots
-    for title in ("update_ratio at edit 1: 0.125", "cumulative_ratio at edit 1: 0.375",
-                  "update_ratio at edit 2: 9", "probe_entropy at edit 0: 0.875",
-                  "rewrite_acc at edit 1: 1", "post rewrite_acc [0.9, 1]: 2",
-                  "pre rewrite_acc [0.2, 0.3): 2"):
+    for title in (
+        "update_ratio at edit 1: 0.125",
+        "cumulative_ratio at edit 1: 0.375",
+        "update_ratio at edit 2: 9",
+        "probe_entropy at edit 0: 0.875",
+        "rewrite_acc at edit 1: 1",
+        "post rewrite_acc [0.9, 1]: 2",
+        "pre rewrite_acc [0.2, 0.3): 2",
+    ):
         assert title in parser.titles
     independent = tmp_path / "independent.html"
     write_html(independent, summarise(RECORDS, n_boot=100), RECORDS, {"protocol": "independent"})
@@ -400,7 +465,9 @@ def test_left_and_right_padding_agree(tiny):
     model, tok = tiny
     side = tok.padding_side
     request = EditRequest(
-        prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
+        prompt="The mother tongue of {} is",
+        subject="Danielle Darrieux",
+        target_new="English",
         ground_truth="French",
         rephrase_prompts=["Where Danielle Darrieux is from, people speak the language of"],
         locality=[("Michel Rocard is a native speaker of", "French"), ("A", "B C D E F")],
@@ -442,13 +509,18 @@ def test_generation_batched_equals_single_and_is_seeded(tiny):
 def counterfact_requests(n: int) -> list[EditRequest]:
     requests = []
     for row in json.loads(COUNTERFACT.read_text(encoding="utf-8"))[:n]:
-        requests.append(EditRequest(
-            prompt=row["prompt"].replace(row["subject"], "{}", 1), subject=row["subject"],
-            target_new=row["target_new"], ground_truth=row["ground_truth"],
-            rephrase_prompts=[row["rephrase_prompt"]],
-            locality=[(row["locality_prompt"], row["locality_ground_truth"])],
-            case_id=row["case_id"], source=f"{COUNTERFACT.name}:{row['case_id']}",
-        ))
+        requests.append(
+            EditRequest(
+                prompt=row["prompt"].replace(row["subject"], "{}", 1),
+                subject=row["subject"],
+                target_new=row["target_new"],
+                ground_truth=row["ground_truth"],
+                rephrase_prompts=[row["rephrase_prompt"]],
+                locality=[(row["locality_prompt"], row["locality_ground_truth"])],
+                case_id=row["case_id"],
+                source=f"{COUNTERFACT.name}:{row['case_id']}",
+            )
+        )
     return requests
 
 
@@ -464,9 +536,11 @@ def test_smollm2_unedited_counterfact():
     per_request = (time.perf_counter() - start) / len(requests)
     rewrite = [m["rewrite_acc"] for m, _ in results]
     es = [m["es"] for m, _ in results]
-    print(f"\nSmolLM2 unedited, {len(requests)} CounterFact requests: "
-          f"rewrite_acc {sum(rewrite) / len(rewrite):.3f}, ES {sum(es) / len(es):.3f}, "
-          f"{per_request * 1000:.0f} ms/request")
+    print(
+        f"\nSmolLM2 unedited, {len(requests)} CounterFact requests: "
+        f"rewrite_acc {sum(rewrite) / len(rewrite):.3f}, ES {sum(es) / len(es):.3f}, "
+        f"{per_request * 1000:.0f} ms/request"
+    )
     assert sum(rewrite) / len(rewrite) < 0.3
     assert all(m["locality"] == 1.0 for m, _ in results)
     # the model is unchanged, so scoring against its own reference must agree exactly

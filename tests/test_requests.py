@@ -24,8 +24,12 @@ COUNTERFACT = SHARED / "counterfact" / "counterfact-edit.json"
 ZSRE = SHARED / "zsre" / "zsre_mend_train-1k.json"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data not on this machine")
 
-GOOD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Lyon",
-        "ground_truth": "Paris"}
+GOOD = {
+    "prompt": "The capital of France is",
+    "subject": "France",
+    "target_new": "Lyon",
+    "ground_truth": "Paris",
+}
 
 
 def write_jsonl(tmp_path: Path, *records: Any, name: str = "requests.jsonl") -> Path:
@@ -123,9 +127,13 @@ def test_text_leaves_other_braces_alone() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
-    [("prompt", 5, "must be a string"), ("target_new", ["Lyon"], "must be a string"),
-     ("rephrase_prompt", {"a": 1}, "string or a list of strings"),
-     ("case_id", 1.5, "number or a string"), ("locality", 3, "object or a list")],
+    [
+        ("prompt", 5, "must be a string"),
+        ("target_new", ["Lyon"], "must be a string"),
+        ("rephrase_prompt", {"a": 1}, "string or a list of strings"),
+        ("case_id", 1.5, "number or a string"),
+        ("locality", 3, "object or a list"),
+    ],
 )
 def test_wrong_type(tmp_path: Path, field: str, value: Any, expected: str) -> None:
     err = first_error(write_jsonl(tmp_path, {**GOOD, field: value}))
@@ -155,14 +163,21 @@ def test_default_warning_goes_to_warnings(tmp_path: Path) -> None:
 
 def test_skip_invalid_reports_each_bad_record(tmp_path: Path) -> None:
     path = write_jsonl(
-        tmp_path, GOOD, "{not json", {**GOOD, "target_new": ""}, "", {**GOOD, "subject": "X"},
+        tmp_path,
+        GOOD,
+        "{not json",
+        {**GOOD, "target_new": ""},
+        "",
+        {**GOOD, "subject": "X"},
         {**GOOD, "target_new": "Nice"},
     )
     skipped: list[RequestError] = []
     requests = list(read_requests(path, skip_invalid=True, on_skip=skipped.append))
     assert [r.source for r in requests] == [f"{path}:1", f"{path}:6"]  # line 5 is blank
     assert [(e.line, e.field) for e in skipped] == [
-        (2, "<record>"), (3, "target_new"), (5, "subject")
+        (2, "<record>"),
+        (3, "target_new"),
+        (5, "subject"),
     ]
 
 
@@ -212,8 +227,14 @@ def array_text(records: list[dict[str, Any]]) -> tuple[str, list[int]]:
 def unicode_records(n: int) -> list[dict[str, Any]]:
     subjects = ["Zürich", "東京", "Łódź", "São Paulo", "Αθήνα"]
     return [
-        {"case_id": i, "prompt": f"{subjects[i % 5]} {{}} is in", "subject": subjects[i % 5],
-         "target_new": f"Ünïcode {i}", "ground_truth": "x", "rephrase_prompt": ["a", "b"]}
+        {
+            "case_id": i,
+            "prompt": f"{subjects[i % 5]} {{}} is in",
+            "subject": subjects[i % 5],
+            "target_new": f"Ünïcode {i}",
+            "ground_truth": "x",
+            "rephrase_prompt": ["a", "b"],
+        }
         for i in range(n)
     ]
 
@@ -256,10 +277,12 @@ def test_json_lines_are_streamed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("text", "line"),
-    [('[\n {"prompt": "a b", "subject": "a", "target_new": "c"},\n {"prompt": \n]', 4),
-     ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"}\n {"x": 1}\n]', 3),
-     ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"},\n', 3),
-     ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"}\n] x', 3)],
+    [
+        ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"},\n {"prompt": \n]', 4),
+        ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"}\n {"x": 1}\n]', 3),
+        ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"},\n', 3),
+        ('[\n {"prompt": "a b", "subject": "a", "target_new": "c"}\n] x', 3),
+    ],
     ids=["bad value", "missing comma", "missing bracket", "extra data"],
 )
 def test_json_array_syntax_error_stops_even_when_skipping(
@@ -314,18 +337,30 @@ def test_easyedit_nested_locality_and_portability(tmp_path: Path) -> None:
     record = {
         **GOOD,
         "rephrase_prompt": ["France's capital is", "The capital city of France is"],
-        "locality_prompt": "The capital of Spain is", "locality_ground_truth": ["Madrid", "madrid"],
-        "locality": {"neighborhood": {"prompt": ["The capital of Italy is", "Germany's capital:"],
-                                      "ground_truth": ["Rome", ["Berlin", "berlin"]]}},
-        "portability": {"reasoning": [{"prompt": "The Louvre's city is", "ground_truth": "Paris"}],
-                        "alias": {"prompt": "The French capital is", "ground_truth": "Paris"}},
+        "locality_prompt": "The capital of Spain is",
+        "locality_ground_truth": ["Madrid", "madrid"],
+        "locality": {
+            "neighborhood": {
+                "prompt": ["The capital of Italy is", "Germany's capital:"],
+                "ground_truth": ["Rome", ["Berlin", "berlin"]],
+            }
+        },
+        "portability": {
+            "reasoning": [{"prompt": "The Louvre's city is", "ground_truth": "Paris"}],
+            "alias": {"prompt": "The French capital is", "ground_truth": "Paris"},
+        },
     }
     [req] = read_requests(write_jsonl(tmp_path, record), fmt="easyedit")
     assert req.rephrase_prompts == record["rephrase_prompt"]
-    assert req.locality == [("The capital of Spain is", "Madrid"),
-                            ("The capital of Italy is", "Rome"), ("Germany's capital:", "Berlin")]
-    assert req.portability == [("The Louvre's city is", "Paris"),
-                               ("The French capital is", "Paris")]
+    assert req.locality == [
+        ("The capital of Spain is", "Madrid"),
+        ("The capital of Italy is", "Rome"),
+        ("Germany's capital:", "Berlin"),
+    ]
+    assert req.portability == [
+        ("The Louvre's city is", "Paris"),
+        ("The French capital is", "Paris"),
+    ]
 
 
 def test_locality_answers_must_match_prompts(tmp_path: Path) -> None:
@@ -339,7 +374,8 @@ def test_rome_counterfact_layout(tmp_path: Path) -> None:
     record = {
         "case_id": 7,
         "requested_rewrite": {
-            "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
             "target_new": {"str": "English", "id": "Q1860"},
             "target_true": {"str": "French", "id": "Q150"},
         },
@@ -350,7 +386,10 @@ def test_rome_counterfact_layout(tmp_path: Path) -> None:
     for fmt in ("counterfact", "auto"):
         [req] = read_requests(path, fmt=fmt)
         assert (req.prompt, req.subject, req.case_id) == (
-            "The mother tongue of {} is", "Danielle Darrieux", 7)
+            "The mother tongue of {} is",
+            "Danielle Darrieux",
+            7,
+        )
         assert (req.target_new, req.ground_truth) == ("English", "French")
         assert req.rephrase_prompts == ["Danielle Darrieux spoke"]
         assert req.locality == [(p, "French") for p in record["neighborhood_prompts"]]
@@ -380,7 +419,11 @@ def test_counterfact_file_first_records(fmt: str) -> None:
     for req, raw in zip(got, expected, strict=True):
         assert req.text == raw["prompt"] and req.prompt.count("{}") == 1
         assert (req.subject, req.target_new, req.ground_truth, req.case_id) == (
-            raw["subject"], raw["target_new"], raw["ground_truth"], raw["case_id"])
+            raw["subject"],
+            raw["target_new"],
+            raw["ground_truth"],
+            raw["case_id"],
+        )
         assert req.rephrase_prompts == [raw["rephrase_prompt"]]
         assert req.locality == [(raw["locality_prompt"], raw["locality_ground_truth"])]
         line = int(req.source.rsplit(":", 1)[1])
@@ -396,7 +439,10 @@ def test_zsre_file_first_records(fmt: str) -> None:
     for req, raw in zip(got, expected, strict=True):
         assert req.text == raw["src"]
         assert (req.subject, req.target_new, req.ground_truth) == (
-            raw["subject"], raw["alt"], raw["answers"][0])
+            raw["subject"],
+            raw["alt"],
+            raw["answers"][0],
+        )
         assert req.rephrase_prompts == [raw["rephrase"]]
         [(loc_prompt, loc_answer)] = req.locality
         assert raw["loc"] == "nq question: " + loc_prompt and loc_answer == raw["loc_ans"]
@@ -437,7 +483,11 @@ def test_shipped_bad_requests_example() -> None:
     got = list(read_requests(path, skip_invalid=True, on_skip=skipped.append, warn=notes.append))
     assert [r.source for r in got] == [f"{path}:1", f"{path}:8"]
     assert [(e.line, e.field) for e in skipped] == [
-        (2, "<record>"), (3, "target_new"), (4, "subject"), (5, "subject"), (6, "target_new"),
+        (2, "<record>"),
+        (3, "target_new"),
+        (4, "subject"),
+        (5, "subject"),
+        (6, "target_new"),
         (7, "prompt"),
     ]
     assert len(notes) == 1 and f"{path}:8" in notes[0]
@@ -445,9 +495,15 @@ def test_shipped_bad_requests_example() -> None:
 
 def test_request_to_dict_reads_back(tmp_path: Path) -> None:
     req = EditRequest(
-        prompt="The capital of {} is", subject="France", target_new="Lyon", ground_truth="Paris",
-        rephrase_prompts=["France's capital is"], locality=[("Spain's capital is", "Madrid")],
-        portability=[("The Louvre is in", "Paris")], case_id="c1", source="x:1",
+        prompt="The capital of {} is",
+        subject="France",
+        target_new="Lyon",
+        ground_truth="Paris",
+        rephrase_prompts=["France's capital is"],
+        locality=[("Spain's capital is", "Madrid")],
+        portability=[("The Louvre is in", "Paris")],
+        case_id="c1",
+        source="x:1",
     )
     record = request_to_dict(req)
     assert record["prompt"] == "The capital of France is"

@@ -56,8 +56,15 @@ def llama() -> tuple:
 
 
 def run(model, tok, names: ModuleNames, corpus: Path, stats_dir: Path, **kwargs):
-    options = dict(model_id="tiny-llama", corpus=str(corpus), tokens=1500, max_len=MAX_LEN,
-                   batch_tokens=256, stats_dir=stats_dir, progress=False)
+    options = dict(
+        model_id="tiny-llama",
+        corpus=str(corpus),
+        tokens=1500,
+        max_len=MAX_LEN,
+        batch_tokens=256,
+        stats_dir=stats_dir,
+        progress=False,
+    )
     options.update(kwargs)
     return second_moment(model, tok, names, LAYER, **options)
 
@@ -84,7 +91,7 @@ def reference_rows(tok, documents: list[str], budget: int) -> list[list[int]]:
     for text in documents:
         ids = tok(text)["input_ids"]
         for start in range(0, len(ids), MAX_LEN):
-            row = ids[start:start + MAX_LEN][:left]
+            row = ids[start : start + MAX_LEN][:left]
             rows.append(row)
             left -= len(row)
             if left == 0:
@@ -159,7 +166,7 @@ def test_padding_and_batch_size_do_not_change_c(llama, corpus, tmp_path, monkeyp
         # 9 more padded positions per row, padded with a real token id, not the pad token.
         ids, mask = real_pad([r + [7] * 9 for r in rows], 5, device)
         for i, row in enumerate(rows):
-            mask[i, len(row):] = 0
+            mask[i, len(row) :] = 0
         return ids, mask
 
     monkeypatch.setattr(stats, "pad_batch", extra_padding)
@@ -263,12 +270,14 @@ def test_resume_after_interruption_equals_uninterrupted(llama, corpus, tmp_path)
     assert not list((tmp_path / "resumed").glob("*.partial.safetensors"))
 
 
-def test_jsonl_corpus_gives_same_c_and_names_missing_field(llama, corpus, documents,
-                                                           tmp_path) -> None:
+def test_jsonl_corpus_gives_same_c_and_names_missing_field(
+    llama, corpus, documents, tmp_path
+) -> None:
     model, tok, names = llama
     jsonl = tmp_path / "corpus.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n"
-                             for i, d in enumerate(documents)))
+    jsonl.write_text(
+        "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents))
+    )
     from_text = run(model, tok, names, corpus, tmp_path / "t")
     from_jsonl = run(model, tok, names, jsonl, tmp_path / "j")
     assert from_jsonl.source == str(jsonl)
@@ -293,11 +302,31 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
     single = run(model, tok, names, corpus, tmp_path / "single", batch_tokens=MAX_LEN)
     out = tmp_path / "dist.safetensors"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "rrome_cli.engine.stats", "--model", "tiny-llama", "--layer", str(LAYER),
-        "--corpus", str(corpus), "--tokens", "1500", "--max-len", str(MAX_LEN),
-        "--batch-tokens", str(MAX_LEN), "--stats-dir", str(tmp_path / "dist"),
-        "--out", str(out), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "rrome_cli.engine.stats",
+        "--model",
+        "tiny-llama",
+        "--layer",
+        str(LAYER),
+        "--corpus",
+        str(corpus),
+        "--tokens",
+        "1500",
+        "--max-len",
+        str(MAX_LEN),
+        "--batch-tokens",
+        str(MAX_LEN),
+        "--stats-dir",
+        str(tmp_path / "dist"),
+        "--out",
+        str(out),
+        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RROME_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

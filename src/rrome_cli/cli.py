@@ -30,28 +30,62 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-BAD_INPUT = (RequestError, HParamsError, ModelLoadError, UnknownArchitectureError, FileNotFoundError)
+BAD_INPUT = (
+    RequestError,
+    HParamsError,
+    ModelLoadError,
+    UnknownArchitectureError,
+    FileNotFoundError,
+)
 
 # Options shared by several commands.
-Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Alias (smollm2-135m, llama2-7b, mistral-7b, gpt2-xl, gpt-j-6b, "
-    "llama3-8b, qwen2.5-7b, tiny-llama, ...), local checkpoint path, or hub id. "
-    "Default: the embedded SmolLM2-135M-Instruct.")]
-HParamsOpt = Annotated[Path | None, typer.Option(
-    "--hparams", help="Hyperparameter YAML (EasyEdit R-ROME keys). Default: chosen from the model.")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Alias (smollm2-135m, llama2-7b, mistral-7b, gpt2-xl, gpt-j-6b, "
+        "llama3-8b, qwen2.5-7b, tiny-llama, ...), local checkpoint path, or hub id. "
+        "Default: the embedded SmolLM2-135M-Instruct.",
+    ),
+]
+HParamsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--hparams",
+        help="Hyperparameter YAML (EasyEdit R-ROME keys). Default: chosen from the model.",
+    ),
+]
 Fp16 = Annotated[bool, typer.Option("--fp16", help="Load the model in float16.")]
 Bf16 = Annotated[bool, typer.Option("--bf16", help="Load the model in bfloat16.")]
-Devices = Annotated[str | None, typer.Option(
-    "--devices", help="cpu, 0, 0,1 or cuda:1. Several devices shard the layers with an "
-    "accelerate device map. Default: the first GPU, else the CPU.")]
-Format = Annotated[str, typer.Option(
-    "--format", help=f"Request file layout: {', '.join(FORMATS)}.")]
-Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N valid requests.")]
+Devices = Annotated[
+    str | None,
+    typer.Option(
+        "--devices",
+        help="cpu, 0, 0,1 or cuda:1. Several devices shard the layers with an "
+        "accelerate device map. Default: the first GPU, else the CPU.",
+    ),
+]
+Format = Annotated[
+    str, typer.Option("--format", help=f"Request file layout: {', '.join(FORMATS)}.")
+]
+Limit = Annotated[
+    int | None, typer.Option("--limit", min=1, help="Use only the first N valid requests.")
+]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for templates and generations.")]
-SkipInvalid = Annotated[bool, typer.Option(
-    "--skip-invalid", help="Report bad request records and skip them instead of stopping.")]
-MaxMemory = Annotated[str | None, typer.Option(
-    "--max-memory", help="Per-device capacity for the device map, e.g. 0=24GiB,1=24GiB,cpu=64GiB.")]
+SkipInvalid = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid", help="Report bad request records and skip them instead of stopping."
+    ),
+]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Per-device capacity for the device map, e.g. 0=24GiB,1=24GiB,cpu=64GiB.",
+    ),
+]
 
 
 def _dtype(fp16: bool, bf16: bool) -> str | None:
@@ -67,7 +101,9 @@ def resolve_hparams(path: Path | None, model: str | None) -> HParams:
     name = hparams_name(model or "smollm2-135m")
     if name:
         return load_hparams(shipped_hparams(name))
-    console.print(f"[yellow]no shipped hparams for {model!r}: using the defaults (layers {HParams().layers})")
+    console.print(
+        f"[yellow]no shipped hparams for {model!r}: using the defaults (layers {HParams().layers})"
+    )
     return HParams()
 
 
@@ -84,7 +120,9 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]: finished requests are in the report; use --resume DIR")
+        console.print(
+            "[red]interrupted[/red]: finished requests are in the report; use --resume DIR"
+        )
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the one place that turns crashes into exit 1
         console.print(f"[red]internal error:[/red] {type(err).__name__}: {err}")
@@ -93,45 +131,88 @@ def guarded(fn: Callable[[], Any]) -> Any:
 
 @app.command("edit")
 def edit_cmd(
-    requests: Annotated[str | None, typer.Argument(
-        help="Edit requests: JSON Lines or a JSON array (EasyEdit, CounterFact or zsRE "
-        "layout); - reads standard input. Not needed with --resume.")] = None,
+    requests: Annotated[
+        str | None,
+        typer.Argument(
+            help="Edit requests: JSON Lines or a JSON array (EasyEdit, CounterFact or zsRE "
+            "layout); - reads standard input. Not needed with --resume."
+        ),
+    ] = None,
     model: Model = None,
     hparams: HParamsOpt = None,
     fp16: Fp16 = False,
     bf16: Bf16 = False,
     devices: Devices = None,
     max_memory: MaxMemory = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="Run directory. Default: runs/<timestamp>.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory. Default: runs/<timestamp>.")
+    ] = None,
     fmt: Format = "auto",
     limit: Limit = None,
     seed: Seed = 0,
     skip_invalid: SkipInvalid = False,
-    report: Annotated[str | None, typer.Option(
-        "--report", help="- also writes each report line (JSONL) to standard output.")] = None,
-    sequential: Annotated[bool, typer.Option(
-        "--sequential", help="Edits accumulate (default: each edit is reverted after evaluation).")] = False,
-    retrospective: Annotated[bool, typer.Option(
-        "--retrospective", help="Sequential: re-evaluate every request on the final model.")] = False,
-    variant: Annotated[str | None, typer.Option(
-        "--variant", help="r-rome (default), rome (original keys), or p-rome (prompt keys).")] = None,
-    templates: Annotated[Path | None, typer.Option(
-        "--templates", help="Reuse context templates (templates.json of an earlier run).")] = None,
-    max_update_ratio: Annotated[float | None, typer.Option(
-        "--max-update-ratio", help="Reject an edit whose ||dW||/||W|| exceeds this.")] = None,
-    save_model: Annotated[bool, typer.Option(
-        "--save-model", help="Also write the edited model (safetensors) to RUN/model.")] = False,
-    resume: Annotated[Path | None, typer.Option(
-        "--resume", help="Continue an interrupted run in this directory.")] = None,
-    fluency: Annotated[bool, typer.Option(
-        "--fluency", help="Also measure generation n-gram entropy per request (slower).")] = False,
-    corpus: Annotated[str | None, typer.Option(
-        "--corpus", help="Text corpus for key statistics (default: the shipped Wikipedia sample).")] = None,
-    stats_dir: Annotated[Path | None, typer.Option(
-        "--stats-dir", help="Cache directory of key statistics.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Edit even when memcheck predicts the plan does not fit.")] = False,
+    report: Annotated[
+        str | None,
+        typer.Option("--report", help="- also writes each report line (JSONL) to standard output."),
+    ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="Edits accumulate (default: each edit is reverted after evaluation).",
+        ),
+    ] = False,
+    retrospective: Annotated[
+        bool,
+        typer.Option(
+            "--retrospective", help="Sequential: re-evaluate every request on the final model."
+        ),
+    ] = False,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant", help="r-rome (default), rome (original keys), or p-rome (prompt keys)."
+        ),
+    ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option(
+            "--templates", help="Reuse context templates (templates.json of an earlier run)."
+        ),
+    ] = None,
+    max_update_ratio: Annotated[
+        float | None,
+        typer.Option("--max-update-ratio", help="Reject an edit whose ||dW||/||W|| exceeds this."),
+    ] = None,
+    save_model: Annotated[
+        bool,
+        typer.Option(
+            "--save-model", help="Also write the edited model (safetensors) to RUN/model."
+        ),
+    ] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an interrupted run in this directory.")
+    ] = None,
+    fluency: Annotated[
+        bool,
+        typer.Option(
+            "--fluency", help="Also measure generation n-gram entropy per request (slower)."
+        ),
+    ] = False,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="Text corpus for key statistics (default: the shipped Wikipedia sample).",
+        ),
+    ] = None,
+    stats_dir: Annotated[
+        Path | None, typer.Option("--stats-dir", help="Cache directory of key statistics.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Edit even when memcheck predicts the plan does not fit."),
+    ] = False,
 ) -> None:
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
     from rrome_cli.config import VARIANTS
@@ -154,10 +235,20 @@ def edit_cmd(
                 hp.variant = variant
             dtype = _dtype(fp16, bf16)
             opts = RunOptions(
-                requests=requests, fmt=fmt, limit=limit, skip_invalid=skip_invalid, out=out,
-                report=report, sequential=sequential, retrospective=retrospective, seed=seed,
-                templates=templates, max_update_ratio=max_update_ratio, save_model=save_model,
-                fluency=fluency, stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
+                requests=requests,
+                fmt=fmt,
+                limit=limit,
+                skip_invalid=skip_invalid,
+                out=out,
+                report=report,
+                sequential=sequential,
+                retrospective=retrospective,
+                seed=seed,
+                templates=templates,
+                max_update_ratio=max_update_ratio,
+                save_model=save_model,
+                fluency=fluency,
+                stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
             )
         check_memory(model, dtype, devices, max_memory, hp, force)
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory))
@@ -178,8 +269,12 @@ def parse_memory(spec: str | None) -> dict[str | int, str] | None:
 
 
 def check_memory(
-    model: str | None, dtype: str | None, devices: str | None, max_memory: str | None,
-    hp: HParams, force: bool,
+    model: str | None,
+    dtype: str | None,
+    devices: str | None,
+    max_memory: str | None,
+    hp: HParams,
+    force: bool,
 ) -> None:
     """Refuse a plan that memcheck says cannot fit, unless --force."""
     from rrome_cli.memcheck import plan, render
@@ -199,31 +294,57 @@ def check_memory(
 
 @app.command("eval")
 def eval_cmd(
-    requests: Annotated[str, typer.Argument(help="Requests to evaluate (as for edit); - is stdin.")],
+    requests: Annotated[
+        str, typer.Argument(help="Requests to evaluate (as for edit); - is stdin.")
+    ],
     model: Model = None,
-    patches: Annotated[Path | None, typer.Option(
-        "--patches", help="patches.safetensors of an earlier run, applied to --model first.")] = None,
-    compare: Annotated[str | None, typer.Option(
-        "--compare", help="A second model: locality and metrics of it against --model.")] = None,
+    patches: Annotated[
+        Path | None,
+        typer.Option(
+            "--patches", help="patches.safetensors of an earlier run, applied to --model first."
+        ),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare", help="A second model: locality and metrics of it against --model."
+        ),
+    ] = None,
     fp16: Fp16 = False,
     bf16: Bf16 = False,
     devices: Devices = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Directory for report.jsonl and summary.json.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory for report.jsonl and summary.json.")
+    ] = None,
     fmt: Format = "auto",
     limit: Limit = None,
     seed: Seed = 0,
     skip_invalid: SkipInvalid = False,
-    fluency: Annotated[bool, typer.Option("--fluency", help="Also measure generation n-gram entropy.")] = False,
-    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    fluency: Annotated[
+        bool, typer.Option("--fluency", help="Also measure generation n-gram entropy.")
+    ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML report.")
+    ] = None,
 ) -> None:
-    """Evaluate requests on a model as is, on a base model plus patches, or against a second model."""
+    """Evaluate requests on a model as is, on a base model plus patches, or against another."""
     from rrome_cli.evaluate.run import EvalOptions, run_eval
 
     def body() -> None:
         opts = EvalOptions(
-            requests=requests, model=model, patches=patches, compare=compare,
-            dtype=_dtype(fp16, bf16), devices=devices, out=out, fmt=fmt, limit=limit, seed=seed,
-            skip_invalid=skip_invalid, fluency=fluency, html=html,
+            requests=requests,
+            model=model,
+            patches=patches,
+            compare=compare,
+            dtype=_dtype(fp16, bf16),
+            devices=devices,
+            out=out,
+            fmt=fmt,
+            limit=limit,
+            seed=seed,
+            skip_invalid=skip_invalid,
+            fluency=fluency,
+            html=html,
         )
         run_eval(opts, console)
 
@@ -238,7 +359,9 @@ def memcheck_cmd(
     bf16: Bf16 = False,
     devices: Devices = None,
     max_memory: MaxMemory = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on standard output.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON on standard output.")
+    ] = False,
 ) -> None:
     """Plan memory from the configuration alone (no weights read): fits, or the cheapest fix.
 
@@ -261,15 +384,24 @@ def memcheck_cmd(
 
 @app.command("stats")
 def stats_cmd(
-    layer: Annotated[list[int] | None, typer.Option("--layer", help="Layer(s); default: the hparams' layers.")] = None,
+    layer: Annotated[
+        list[int] | None, typer.Option("--layer", help="Layer(s); default: the hparams' layers.")
+    ] = None,
     model: Model = None,
     hparams: HParamsOpt = None,
-    corpus: Annotated[str | None, typer.Option(
-        "--corpus", help="Text file (one document per line), JSONL/parquet with a text field, "
-        "or a hub dataset id. Default: the shipped Wikipedia sample.")] = None,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="Text file (one document per line), JSONL/parquet with a text field, "
+            "or a hub dataset id. Default: the shipped Wikipedia sample.",
+        ),
+    ] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", min=1, help="Token budget.")] = None,
     max_len: Annotated[int, typer.Option("--max-len", min=8, help="Tokens per sequence.")] = 512,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=8, help="Tokens per batch.")] = 4096,
+    batch_tokens: Annotated[
+        int, typer.Option("--batch-tokens", min=8, help="Tokens per batch.")
+    ] = 4096,
     stats_dir: Annotated[Path | None, typer.Option("--stats-dir", help="Cache directory.")] = None,
     fp16: Fp16 = False,
     bf16: Bf16 = False,
@@ -282,9 +414,15 @@ def stats_cmd(
         hp = resolve_hparams(hparams, model)
         for one in layer or hp.layers:
             result = stats_command(
-                model=model, layer=one, corpus=corpus, tokens=tokens or hp.mom2_n_samples,
-                max_len=max_len, batch_tokens=batch_tokens, stats_dir=stats_dir,
-                dtype=_dtype(fp16, bf16), devices=devices,
+                model=model,
+                layer=one,
+                corpus=corpus,
+                tokens=tokens or hp.mom2_n_samples,
+                max_len=max_len,
+                batch_tokens=batch_tokens,
+                stats_dir=stats_dir,
+                dtype=_dtype(fp16, bf16),
+                devices=devices,
             )
             console.print(f"layer {one}: C over {result.tokens} tokens -> {result.path}")
 

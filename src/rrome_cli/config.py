@@ -69,7 +69,9 @@ class HParams:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise HParamsError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            raise HParamsError(
+                f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+            )
         if self.fact_token != "subject_last":
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
         if self.v_stop not in ("loss", "target"):
@@ -78,8 +80,13 @@ class HParams:
             raise HParamsError("layers must name at least one layer")
 
     def module_overrides(self) -> dict[str, str | None]:
-        keys = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "ln_f_module",
-                "lm_head_module")
+        keys = (
+            "rewrite_module_tmp",
+            "layer_module_tmp",
+            "mlp_module_tmp",
+            "ln_f_module",
+            "lm_head_module",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import templated
 from rrome_cli.engine.values import Batch, SuffixRunner, build_batch, frozen
-from rrome_cli.models.families import ModuleNames, module_names, num_layers
+from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
     DTYPES,
     ModelLoadError,
@@ -65,6 +65,7 @@ from rrome_cli.models.loading import (
     load_config,
     parse_devices,
 )
+from rrome_cli.models.registry import DEFAULT_MODEL
 from rrome_cli.requests import EditRequest
 
 GiB = 1 << 30
@@ -183,7 +184,10 @@ def measure_peak(fn: Callable[[], object], device: torch.device | str | None = N
 
 
 def parse_max_memory(spec: str) -> dict[int | str, int]:
-    """``"0=24GiB,1=24GiB,cpu=64GiB"`` -> ``{0: bytes, 1: bytes, "cpu": bytes}`` (accelerate's keys)."""
+    """``"0=24GiB,1=24GiB,cpu=64GiB"`` -> ``{0: bytes, 1: bytes, "cpu": bytes}``.
+
+    Keys are accelerate's: GPU index, "cpu", "disk"; sizes as accelerate reads them (GiB, GB).
+    """
     limits: dict[int | str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, size = part.partition("=")
@@ -193,9 +197,11 @@ def parse_max_memory(spec: str) -> dict[int | str, int]:
                 f"--max-memory: cannot read {part!r}; write DEVICE=SIZE, e.g. 0=24GiB,cpu=64GiB"
             )
         try:
-            limits[int(name) if name.isdigit() else name] = convert_file_size_to_int(size.strip())
+            bytes_ = convert_file_size_to_int(size.strip())
         except ValueError:
-            raise MemcheckError(f"--max-memory: {size.strip()!r} is not a size (e.g. 24GiB)") from None
+            raise MemcheckError(
+                f"--max-memory: {size.strip()!r} is not a size (e.g. 24GiB)") from None
+        limits[int(name) if name.isdigit() else name] = bytes_
     return limits
 
 
@@ -277,7 +283,8 @@ def device_map(
     limits = {k: max_memory[k] for k in targets}
     with _quiet_accelerate():
         if sum(isinstance(k, int) for k in targets) > 1:
-            limits = get_balanced_memory(model, limits, no_split_module_classes=no_split, dtype=dtype)
+            limits = get_balanced_memory(model, limits, no_split_module_classes=no_split,
+                                         dtype=dtype)
         return dict(infer_auto_device_map(
             model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype
         ))
@@ -390,7 +397,7 @@ def _fused_attention(
 
 @contextmanager
 def _fused_attention_on_meta() -> Iterator[None]:
-    """Route ``F.scaled_dot_product_attention`` (as transformers calls it) to ``_fused_attention``."""
+    """Send ``F.scaled_dot_product_attention`` (transformers calls it) to ``_fused_attention``."""
     F.scaled_dot_product_attention = _fused_attention
     try:
         yield
@@ -404,9 +411,9 @@ def trace_value_step(
     """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``.
 
     Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
-    no-grad hidden states and KL reference, then one step: suffix forward with delta added at
-    the subject's last token, fp32 log-softmax at the target rows and the KL row, backward
-    into delta, Adam.
+    no-grad hidden states and KL reference, then optimisation steps: suffix forward with delta
+    added at the subject's last token, fp32 log-softmax at the target rows and the KL row,
+    backward into delta, Adam.
     """
     mlp = model.get_submodule(names.mlp(layer))
     head = model.get_output_embeddings()
@@ -426,19 +433,23 @@ def trace_value_step(
         def add_delta(out: torch.Tensor) -> torch.Tensor:
             return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
 
-        tracker.set_phase("forward")
-        with edit_output(mlp, add_delta):
-            hidden = runner.hidden()
-        tracker.set_phase("head")
-        logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
-        nll = -logp.gather(1, batch.target_ids[:, None]).mean()
-        kl = F.kl_div(kl_ref, runner.log_probs(hidden, kl_row, kl_col), log_target=True,
-                      reduction="batchmean")
-        loss = nll + kl + delta.norm() / z.norm() ** 2
-        tracker.set_phase("backward")
-        loss.backward()
-        tracker.set_phase("step")
-        opt.step()
+        # Two steps: from the second on, Adam's state exists and the previous step's hidden
+        # states and log-probs stay referenced until the new ones replace them.
+        for _ in range(2):
+            tracker.set_phase("forward")
+            with edit_output(mlp, add_delta):
+                hidden = runner.hidden()
+            tracker.set_phase("head")
+            logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
+            nll = -logp.gather(1, batch.target_ids[:, None]).mean()
+            kl = F.kl_div(kl_ref, runner.log_probs(hidden, kl_row, kl_col), log_target=True,
+                          reduction="batchmean")
+            loss = nll + kl + delta.norm() / z.norm() ** 2
+            tracker.set_phase("backward")
+            opt.zero_grad()
+            loss.backward()
+            tracker.set_phase("step")
+            opt.step()
         tracker.set_phase("")
     return dict(tracker.phase_peaks)
 
@@ -475,7 +486,8 @@ def value_step_costs(
         for phase in PHASES:
             below = max(0, p11[phase] - p01[phase])
             above = max(0, p02[phase] - p01[phase])
-            costs[phase] = PhaseCost(p01[phase] - above, below, above, min(below, p01[phase] - above))
+            fixed = p01[phase] - above
+            costs[phase] = PhaseCost(fixed, below, above, min(below, fixed))
         _TRACE_CACHE[key] = costs
     return _TRACE_CACHE[key]
 
@@ -519,10 +531,11 @@ class MemoryPlan:
     max_len: int
     fix: str = ""
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # reasons it cannot run, memory aside
 
     @property
     def fits(self) -> bool:
-        return all(d.fits for d in self.devices)
+        return not self.problems and all(d.fits for d in self.devices)
 
     @property
     def predicted_allocated(self) -> dict[str, int]:
@@ -530,6 +543,8 @@ class MemoryPlan:
         return {d.device: d.weights + d.edit for d in self.devices}
 
     def verdict(self) -> str:
+        if self.problems:
+            return "cannot run: " + "; ".join(self.problems)
         if self.fits:
             tight = min(self.devices, key=lambda d: d.headroom)
             return f"fits: {gib(tight.headroom)} GiB headroom on {tight.device} (the tightest)"
@@ -549,6 +564,7 @@ class MemoryPlan:
             "edit_device": self.edit_device, "geometry": asdict(self.geometry),
             "batch_tokens": self.batch_tokens, "max_len": self.max_len,
             "devices": devices, "components": self.components, "notes": self.notes,
+            "problems": self.problems,
         }
         return json.dumps(data, indent=2)
 
@@ -557,11 +573,8 @@ def gib(n: int) -> float:
     return round(n / GiB, 2)
 
 
-def _dims(config: PretrainedConfig, model: PreTrainedModel, names: ModuleNames, layer: int
-          ) -> tuple[int, int, int]:
+def _dims(model: PreTrainedModel, names: ModuleNames, layer: int) -> tuple[int, int, int]:
     """(d_in, d_out, element size) of W at ``layer``, read from the meta model."""
-    from rrome_cli.models.families import weight_as_out_in
-
     w = weight_as_out_in(model.get_submodule(names.rewrite(layer)))
     return w.shape[1], w.shape[0], w.element_size()
 
@@ -587,20 +600,31 @@ def _layer_costs(
     geo: Geometry, hparams: HParams, dmap: dict[str, int | str], n_layers: int,
 ) -> tuple[dict[int | str, int], dict[str, int]]:
     """Edit working set per target for one edited layer, and the components on its device."""
-    d_in, d_out, size = _dims(config, model, names, layer)
+    d_in, d_out, size = _dims(model, names, layer)
     dtype = next(model.parameters()).dtype
     costs = value_step_costs(config, dtype, names, geo)
-    edit_at = placement(names.rewrite(layer), dmap)
-    head_at = placement(f"{_head_name(model)}.weight", dmap)
+    run_on = _execution(dmap)
+    edit_at = run_on(placement(names.rewrite(layer), dmap))
+    head_at = run_on(placement(f"{_head_name(model)}.weight", dmap))
     layer_at = [placement(names.layer(i), dmap) for i in range(n_layers)]
+    # Offloaded layers run on the main device with their weights streamed in; autograd keeps
+    # the streamed weights of every layer above the edited one until backward.
+    offloaded = [i for i, where in enumerate(layer_at) if run_on(where) != where]
+    sizes = {i: _module_bytes(model, names.layer(i)) for i in offloaded}
+    pinned = sum(sizes[i] for i in offloaded if i > layer)
+    streaming = 2 * max(sizes.values(), default=0)
 
     value: dict[int | str, int] = {}
     for phase, cost in costs.items():
         share: dict[int | str, int] = {}
         for i, where in enumerate(layer_at):
             per = cost.below if i < layer else cost.above if i > layer else cost.layer
-            share[where] = share.get(where, 0) + per
+            share[run_on(where)] = share.get(run_on(where), 0) + per
         share[head_at] = share.get(head_at, 0) + cost.fixed - cost.layer
+        if offloaded:
+            main = run_on("cpu")
+            kept = pinned if phase in ("forward", "head", "backward") else 0
+            share[main] = share.get(main, 0) + kept + streaming
         for where, n in share.items():
             value[where] = max(value.get(where, 0), n)
 
@@ -608,8 +632,9 @@ def _layer_costs(
     cholesky = square if hparams.mom2_adjustment else 0
     copy_c = square if edit_at != "cpu" else 0
     factorise = copy_c + 3 * square if hparams.mom2_adjustment else 0
-    upcast = 4 if size != 4 else 0
-    update = d_out * d_in * (4 + size + 4 + max(upcast, size if upcast else 0))
+    # apply_update: delta W (fp32) + old W kept for revert + W.float() + delta W (fp32), and
+    # alongside the last either W.float() itself or its cast back (neither exists in fp32).
+    update = d_out * d_in * (4 + size + 4 + (4 if size != 4 else 0))
     keys = geo.templates * geo.key_tokens * (4 * d_out + 4 * d_in) * size
     n_below, n_above = layer, n_layers - layer - 1
     value_total = max(c.at(n_below, n_above) for c in costs.values())
@@ -633,6 +658,36 @@ def _layer_costs(
     if edit_at == "cpu" and hparams.mom2_adjustment:
         value[edit_at] += square  # C itself stays in RAM (SecondMoment.mom2) during the edit
     return value, components
+
+
+def _execution(dmap: dict[str, int | str]) -> Callable[[int | str], int | str]:
+    """Where a module placed at a target runs: offloaded targets ("cpu" under a GPU map,
+    "disk") run on the main device, the first GPU (else the CPU), as accelerate dispatches."""
+    gpus = sorted(v for v in dmap.values() if isinstance(v, int))
+    main: int | str = gpus[0] if gpus else "cpu"
+    return lambda where: main if where in ("cpu", "disk") else where
+
+
+def _module_bytes(model: PreTrainedModel, prefix: str) -> int:
+    return sum(t.numel() * t.element_size() for t in model.get_submodule(prefix).parameters())
+
+
+def edit_working_set(
+    config: PretrainedConfig, dtype: torch.dtype, hparams: HParams, geometry: Geometry,
+    names: ModuleNames | None = None,
+) -> dict[str, int]:
+    """The parts of one edit at ``hparams.layers[0]`` with everything on one device, in bytes.
+
+    ``in_edit`` is what ``engine.edit.edit`` itself allocates at its peak when the key
+    covariances are given (built beforehand): max(value step, key pass, update).
+    """
+    meta = meta_model(config, dtype)
+    if names is None:
+        arch = (config.architectures or [type(meta).__name__])[0]
+        names = module_names(arch, hparams.module_overrides())
+    _, components = _layer_costs(config, meta, names, hparams.layers[0], geometry, hparams,
+                                 {"": "cpu"}, num_layers(config))
+    return components
 
 
 def _head_name(model: PreTrainedModel) -> str:
@@ -660,70 +715,92 @@ def _devices(devices: str | None, max_memory: dict[int | str, int] | None) -> li
     return parse_devices(None)
 
 
-def _plan(
-    model: str | None, dtype: torch.dtype, devices: list[torch.device],
-    max_memory: dict[int | str, int], hparams: HParams, geo: Geometry,
-    batch_tokens: int, max_len: int,
-) -> MemoryPlan:
+@dataclass
+class _Model:
+    """What the plan needs to know about the model, built once per dtype."""
+
+    name: str
+    config: PretrainedConfig
+    meta: PreTrainedModel
+    names: ModuleNames
+    n_layers: int
+
+
+def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
     config = load_config(model)
-    arch = (config.architectures or [None])[0]
-    names = module_names(arch, hparams.module_overrides())
     meta = meta_model(config, dtype)
-    if arch is None:
-        names = module_names(type(meta).__name__, hparams.module_overrides())
-    targets = _targets(devices, max_memory)
-    limits = {k: capacity(k, max_memory) for k in targets}
-    dmap = device_map(meta, targets, limits)
-    weights = weights_per_device(meta, dmap)
+    arch = (config.architectures or [type(meta).__name__])[0]
+    names = module_names(arch, hparams.module_overrides())
     n_layers = num_layers(config)
-    edit: dict[int | str, int] = {}
-    stats: dict[int | str, int] = {}
-    components: dict[str, int] = {}
-    edited: dict[int | str, list[int]] = {}
-    originals = 0
     for layer in hparams.layers:
         if not 0 <= layer < n_layers:
             raise MemcheckError(f"hparams layers: {layer} is outside 0..{n_layers - 1}")
-        per_target, parts = _layer_costs(config, meta, names, layer, geo, hparams, dmap, n_layers)
-        where = placement(names.rewrite(layer), dmap)
+    return _Model(model or DEFAULT_MODEL, config, meta, names, n_layers)
+
+
+
+def _plan(
+    m: _Model, devices: list[torch.device], max_memory: dict[int | str, int],
+    hparams: HParams, geo: Geometry, batch_tokens: int, max_len: int,
+) -> MemoryPlan:
+    targets = _targets(devices, max_memory)
+    limits = {k: capacity(k, max_memory) for k in targets}
+    dmap = device_map(m.meta, targets, limits)
+    weights = weights_per_device(m.meta, dmap)
+    edit: dict[int | str, int] = {}
+    stats: dict[int | str, int] = {}
+    edited: dict[int | str, list[int]] = {}
+    components: dict[str, int] = {}
+    originals = 0  # earlier layers' old W, kept for revert while later layers are edited
+    problems = []
+    run_on = _execution(dmap)
+    for layer in hparams.layers:
+        placed = placement(m.names.rewrite(layer), dmap)
+        if run_on(placed) != placed:
+            problems.append(
+                f"layer {layer}'s W would be offloaded to {placed} (accelerate keeps offloaded "
+                "weights on the meta device), so the edit could not write it: give the "
+                "device it runs on room for it")
+        per_target, parts = _layer_costs(m.config, m.meta, m.names, layer, geo, hparams, dmap,
+                                         m.n_layers)
+        where = run_on(placed)
         edited.setdefault(where, []).append(layer)
-        d_in, d_out, size = _dims(config, meta, names, layer)
-        per_target[where] += originals  # earlier layers' old W, kept for revert
+        per_target[where] += originals
+        d_in, d_out, size = _dims(m.meta, m.names, layer)
         originals += d_in * d_out * size
         for k, v in per_target.items():
             edit[k] = max(edit.get(k, 0), v)
         if hparams.mom2_adjustment:
-            stats[where] = max(stats.get(where, 0),
-                               _stats_peak(config, d_in, d_out, size, batch_tokens, max_len))
-        if parts["value_step"] + parts["cholesky_factor"] >= components.get("value_step", -1) + \
-                components.get("cholesky_factor", 0):
+            peak = _stats_peak(m.config, d_in, d_out, size, batch_tokens, max_len)
+            stats[where] = max(stats.get(where, 0), peak)
+        if parts["in_edit"] >= components.get("in_edit", -1):
             components = parts
-    # Every edited layer's Cholesky factor is built before the edit and kept through it.
     for where, layers in edited.items():
+        # Every edited layer's Cholesky factor is built before the edit and kept through it.
         edit[where] += (len(layers) - 1) * components["cholesky_factor"]
     plans = [
         DevicePlan(
             device=_label(k), weights=weights.get(k, 0), edit=edit.get(k, 0),
             stats=stats.get(k, 0), reserve=CUDA_RESERVE if isinstance(k, int) else 0,
-            capacity=limits[k], edited_layers=edited.get(k, []),
+            capacity=limits.get(k, 0), edited_layers=edited.get(k, []),
         )
-        for k in targets if k in weights or k in edit
+        for k in [*targets, *(k for k in weights if k not in targets)]
+        if k in weights or k in edit
     ]
     notes = [
         "logits are computed only at the target tokens and the KL position, as the engine "
-        "does; full logits would add "
-        f"{gib(components['logits_if_full'])} GiB",
-        "the statistics pass runs once per layer (rrome stats) and is cached; its attention "
-        "term assumes eager attention (heads x max_len^2), an upper bound",
+        f"does; logits over every token would add {gib(components['logits_if_full'])} GiB",
+        "the statistics pass (rrome stats) runs once per layer and is cached; its attention "
+        "term assumes eager attention (heads x max_len^2 per row), an upper bound",
     ]
-    unasked = [k for k in weights if k == "disk" and "disk" not in max_memory]
-    if unasked:
-        notes.append("some weights only fit on disk: accelerate would offload them there")
-    edit_at = placement(names.rewrite(hparams.layers[0]), dmap)
+    if any(k not in targets for k in weights):
+        notes.append("the weights do not fit on the devices given: accelerate would put the "
+                     "rest on disk, which was not allowed (add disk=SIZE to --max-memory)")
     return MemoryPlan(
-        model=model or "smollm2-135m", dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+        model=m.name, dtype=DTYPE_NAMES.get(next(m.meta.parameters()).dtype, "?"),
         layers=list(hparams.layers), geometry=geo, devices=plans, components=components,
-        edit_device=_label(edit_at), batch_tokens=batch_tokens, max_len=max_len, notes=notes,
+        edit_device=_label(run_on(placement(m.names.rewrite(hparams.layers[0]), dmap))),
+        batch_tokens=batch_tokens, max_len=max_len, notes=notes, problems=problems,
     )
 
 
@@ -755,9 +832,10 @@ def plan(
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
     geo = estimate_geometry(hparams, n_templates)
-    result = _plan(model, torch_dtype, targets, limits, hparams, geo, batch_tokens, max_len)
+    built = _model(model, torch_dtype, hparams)
+    result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len)
     if not result.fits:
-        result.fix = _cheapest_fix(result, model, torch_dtype, targets, limits, hparams, geo,
+        result.fix = _cheapest_fix(result, built, model, targets, limits, hparams, geo,
                                    batch_tokens, max_len)
     return result
 
@@ -766,13 +844,16 @@ def plan(
 
 
 def _cheapest_fix(
-    failed: MemoryPlan, model: str | None, dtype: torch.dtype, devices: list[torch.device],
+    failed: MemoryPlan, built: _Model, model: str | None, devices: list[torch.device],
     limits: dict[int | str, int], hparams: HParams, geo: Geometry, batch_tokens: int,
     max_len: int,
 ) -> str:
+    """The first change, in order of cost to the user, under which the plan fits."""
+
     def attempt(**changes: Any) -> MemoryPlan | None:
-        args = dict(model=model, dtype=dtype, devices=devices, max_memory=limits,
-                    hparams=hparams, geo=geo, batch_tokens=batch_tokens, max_len=max_len)
+        args: dict[str, Any] = dict(m=built, devices=devices, max_memory=limits,
+                                    hparams=hparams, geo=geo, batch_tokens=batch_tokens,
+                                    max_len=max_len)
         args.update(changes)
         try:
             candidate = _plan(**args)
@@ -783,10 +864,10 @@ def _cheapest_fix(
     def summary(p: MemoryPlan) -> str:
         return ", ".join(f"{d.device} {gib(d.total)}/{gib(d.capacity)} GiB" for d in p.devices)
 
-    if dtype == torch.float32:
-        for half, flag in ((torch.bfloat16, "--bf16"), (torch.float16, "--fp16")):
-            if (p := attempt(dtype=half)) is not None:
-                return f"use {flag} instead of fp32 (then {summary(p)})"
+    if next(built.meta.parameters()).dtype == torch.float32:
+        half = _model(model, torch.bfloat16, hparams)
+        if (p := attempt(m=half)) is not None:
+            return f"use --bf16 (or --fp16) instead of fp32 (then {summary(p)})"
     gpus = [d for d in devices if d.type == "cuda"]
     if gpus:
         index = max(d.index or 0 for d in gpus) + 1
@@ -844,7 +925,7 @@ def render(plan: MemoryPlan, console: Console) -> None:
         ("factorisation peak (C copy, I, C + lambda I, factor)", c["factorisation_peak"]),
         (f"value step, traced ({geo.rows} prompts x {geo.prefix}+{geo.suffix} tokens)",
          c["value_step"]),
-        ("  of which activations kept for backprop", c["value_activations"]),
+        ("  of which activations kept for backprop and KV cache", c["value_activations"]),
         (f"  of which logits + log-softmax at {geo.targets + 1} rows (fp32)",
          c["logits_target_rows"]),
         ("  of which KL reference + Adam state", c["kl_reference"] + c["adam_delta"]),
@@ -869,6 +950,7 @@ def _g(n: int) -> str:
 
 __all__ = [
     "DevicePlan", "Geometry", "LiveTensorBytes", "MemcheckError", "MemoryPlan", "device_map",
-    "estimate_geometry", "live_tensor_bytes", "measure_peak", "meta_model", "parse_max_memory",
-    "plan", "render", "trace_value_step", "value_step_costs", "weights_per_device",
+    "edit_working_set", "estimate_geometry", "geometry_for", "live_tensor_bytes",
+    "measure_peak", "meta_model", "parse_max_memory", "plan", "render", "trace_value_step",
+    "value_step_costs", "weights_per_device",
 ]

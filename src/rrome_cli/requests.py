@@ -245,8 +245,15 @@ class _Record:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
-            type(None): "null", int: "a number", float: "a number"}.get(type(value), "?")
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), "?")
 
 
 def _text(rec: _Record, field: str, value: Any, required: bool = True) -> str | None:
@@ -337,8 +344,9 @@ def _case_id(rec: _Record, value: Any) -> str | int | None:
     raise rec.error("case_id", f"must be a number or a string, got {_type_name(value)}")
 
 
-def _required(rec: _Record, prompt: tuple[str, Any], subject: tuple[str, Any],
-              target: tuple[str, Any]) -> dict[str, Any]:
+def _required(
+    rec: _Record, prompt: tuple[str, Any], subject: tuple[str, Any], target: tuple[str, Any]
+) -> dict[str, Any]:
     """The three required fields, each given as (its name in the format, raw value), checked
     before any optional one; as EditRequest keyword arguments."""
     prompt_text = _text(rec, *prompt)
@@ -346,20 +354,27 @@ def _required(rec: _Record, prompt: tuple[str, Any], subject: tuple[str, Any],
     target_text = _text(rec, *target)
     rec.target_field = target[0]
     return {
-        "prompt": _template(rec, prompt[0], prompt_text, subject_text), "subject": subject_text,
-        "target_new": target_text, "source": f"{rec.file}:{rec.line}",
+        "prompt": _template(rec, prompt[0], prompt_text, subject_text),
+        "subject": subject_text,
+        "target_new": target_text,
+        "source": f"{rec.file}:{rec.line}",
     }
 
 
 def _from_easyedit(rec: _Record) -> EditRequest:
     data = rec.data
-    required = _required(rec, ("prompt", data.get("prompt")), ("subject", data.get("subject")),
-                         ("target_new", data.get("target_new")))
+    required = _required(
+        rec,
+        ("prompt", data.get("prompt")),
+        ("subject", data.get("subject")),
+        ("target_new", data.get("target_new")),
+    )
     locality_prompts = _texts(rec, "locality_prompt", data.get("locality_prompt"))
     locality = []
     if locality_prompts:
-        answers = _answers(rec, "locality_ground_truth", data.get("locality_ground_truth"),
-                           len(locality_prompts))
+        answers = _answers(
+            rec, "locality_ground_truth", data.get("locality_ground_truth"), len(locality_prompts)
+        )
         locality = list(zip(locality_prompts, answers, strict=True))
     return EditRequest(
         **required,
@@ -396,17 +411,33 @@ def _from_rome_counterfact(rec: _Record) -> EditRequest:
     """ROME's own layout: ``requested_rewrite`` plus paraphrase / neighborhood prompts, whose
     expected answer is the true object (``target_true``)."""
     data = rec.data
-    required = _required(rec, *((p, _nested(rec, data, p)) for p in (
-        "requested_rewrite.prompt", "requested_rewrite.subject", "requested_rewrite.target_new.str"
-    )))
-    truth = _text(rec, "requested_rewrite.target_true.str",
-                  _nested(rec, data, "requested_rewrite.target_true.str"), required=False)
+    required = _required(
+        rec,
+        *(
+            (p, _nested(rec, data, p))
+            for p in (
+                "requested_rewrite.prompt",
+                "requested_rewrite.subject",
+                "requested_rewrite.target_new.str",
+            )
+        ),
+    )
+    truth = _text(
+        rec,
+        "requested_rewrite.target_true.str",
+        _nested(rec, data, "requested_rewrite.target_true.str"),
+        required=False,
+    )
     locality = []
     for i, item in enumerate(_list(rec, "neighborhood_prompts", data.get("neighborhood_prompts"))):
         where = f"neighborhood_prompts[{i}]"
         if isinstance(item, dict):  # ROME's zsRE layout: {prompt, target}
-            locality.append((_text(rec, f"{where}.prompt", item.get("prompt")),
-                             _text(rec, f"{where}.target", item.get("target"))))
+            locality.append(
+                (
+                    _text(rec, f"{where}.prompt", item.get("prompt")),
+                    _text(rec, f"{where}.target", item.get("target")),
+                )
+            )
         elif truth is None:
             raise rec.error("requested_rewrite.target_true", "missing (needed by neighborhood)")
         else:
@@ -438,8 +469,9 @@ def _from_zsre(rec: _Record) -> EditRequest:
     """zsRE (MEND split): src, alt, answers, rephrase, loc, loc_ans, subject. The locality
     prompt loses its "nq question: " tag so that it reads as a plain question."""
     data = rec.data
-    required = _required(rec, ("src", data.get("src")), ("subject", data.get("subject")),
-                         ("alt", data.get("alt")))
+    required = _required(
+        rec, ("src", data.get("src")), ("subject", data.get("subject")), ("alt", data.get("alt"))
+    )
     loc = _text(rec, "loc", data.get("loc"), required=False)
     locality = []
     if loc is not None:
@@ -518,8 +550,10 @@ def read_requests(
                 skip(err)
                 continue
             if request.ground_truth is not None and request.target_new == request.ground_truth:
-                warn(f"{request.source}: field '{record.target_field}': {request.target_new!r} "
-                     "equals the ground truth; the edit asks for what the model already says")
+                warn(
+                    f"{request.source}: field '{record.target_field}': {request.target_new!r} "
+                    "equals the ground truth; the edit asks for what the model already says"
+                )
             yield request
             count += 1
             if limit is not None and count >= limit:

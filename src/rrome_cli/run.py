@@ -129,9 +129,15 @@ def prepare_covariances(
     for layer in hp.layers:
         w = loaded.model.get_submodule(loaded.names.rewrite(layer)).weight
         stats = second_moment(
-            loaded.model, loaded.tok, loaded.names, layer, model_id=loaded.model_id,
-            revision=loaded.revision, tokens=opts.stats.get("tokens") or hp.mom2_n_samples,
-            corpus=opts.stats.get("corpus"), stats_dir=opts.stats.get("stats_dir"),
+            loaded.model,
+            loaded.tok,
+            loaded.names,
+            layer,
+            model_id=loaded.model_id,
+            revision=loaded.revision,
+            tokens=opts.stats.get("tokens") or hp.mom2_n_samples,
+            corpus=opts.stats.get("corpus"),
+            stats_dir=opts.stats.get("stats_dir"),
         )
         covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w.device)
         sources.append(f"{stats.source} ({stats.tokens} tokens)")
@@ -169,8 +175,11 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         loaded.model, loaded.tok, request, fluency=opts.fluency, seed=opts.seed + index
     )
     record: dict[str, Any] = {
-        "index": index, "case_id": request.case_id, "source": request.source,
-        "request": request_to_dict(request), "pre": pre,
+        "index": index,
+        "case_id": request.case_id,
+        "source": request.source,
+        "request": request_to_dict(request),
+        "pre": pre,
     }
     if opts.sequential:  # remember W0 before the first edit of each module
         for layer in state.hp.layers:
@@ -178,14 +187,24 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             w = weight_as_out_in(loaded.model.get_submodule(name))
             state.base_weights.setdefault(name, w.detach().float().clone())
     result = edit(
-        loaded.model, loaded.tok, request, state.hp, loaded.names, state.covariances,
-        state.templates, opts.max_update_ratio,
+        loaded.model,
+        loaded.tok,
+        request,
+        state.hp,
+        loaded.names,
+        state.covariances,
+        state.templates,
+        opts.max_update_ratio,
     )
     record["status"], record["reason"] = result.status, result.reason
     record["guard"] = guard_record(result)
     if result.status == "applied":
         post, _ = evaluate_request(
-            loaded.model, loaded.tok, request, reference, fluency=opts.fluency,
+            loaded.model,
+            loaded.tok,
+            request,
+            reference,
+            fluency=opts.fluency,
             seed=opts.seed + index,
         )
         record["post"] = post
@@ -209,7 +228,11 @@ def guard_record(result: EditResult) -> dict[str, Any]:
 
 def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
     return read_requests(
-        opts.requests, fmt=opts.fmt, skip_invalid=opts.skip_invalid, limit=opts.limit, warn=warn,
+        opts.requests,
+        fmt=opts.fmt,
+        skip_invalid=opts.skip_invalid,
+        limit=opts.limit,
+        warn=warn,
     )
 
 
@@ -273,15 +296,21 @@ def run_edits(
     return out, summary
 
 
-def _safe_edit(state: RunState, index: int, request: EditRequest, console: Console) -> dict[str, Any]:
+def _safe_edit(
+    state: RunState, index: int, request: EditRequest, console: Console
+) -> dict[str, Any]:
     try:
         return edit_one(state, index, request)
     except (FloatingPointError, ValueError, RuntimeError) as err:
         state.failed += 1
         console.print(f"[red]request {index} ({request.source}) failed: {err}")
         return {
-            "index": index, "case_id": request.case_id, "source": request.source,
-            "request": request_to_dict(request), "status": "failed", "reason": str(err),
+            "index": index,
+            "case_id": request.case_id,
+            "source": request.source,
+            "request": request_to_dict(request),
+            "status": "failed",
+            "reason": str(err),
         }
 
 
@@ -293,8 +322,9 @@ def retrospective(
     out = []
     for index, request in enumerate(requests):
         metrics, _ = evaluate_request(state.loaded.model, state.loaded.tok, request)
-        out.append({"index": index, "status": by_index.get(index, {}).get("status"),
-                    "retro": metrics})
+        out.append(
+            {"index": index, "status": by_index.get(index, {}).get("status"), "retro": metrics}
+        )
     return out
 
 

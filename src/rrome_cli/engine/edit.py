@@ -39,7 +39,8 @@ class LayerEdit:
     layer: int
     module: str
     patch: Patch
-    denominator: float  # k*^T C^-1 k*
+    denominator: float  # k*^T C^-1 k* (k_left for p-rome)
+    divisor: float  # k_ref . u, what right is divided by: small means a "disabling" edit
     update_ratio: float  # ||delta W||_F / ||W||_F
     delta_ratio: float  # ||delta|| / ||z||
     loss: float
@@ -49,9 +50,14 @@ class LayerEdit:
 
     def guard(self) -> dict[str, float | int | str]:
         return {
-            "layer": self.layer, "denominator": self.denominator,
-            "update_ratio": self.update_ratio, "delta_ratio": self.delta_ratio,
-            "loss": self.loss, "target_prob": self.target_prob, "steps": self.steps,
+            "layer": self.layer,
+            "denominator": self.denominator,
+            "divisor": self.divisor,
+            "update_ratio": self.update_ratio,
+            "delta_ratio": self.delta_ratio,
+            "loss": self.loss,
+            "target_prob": self.target_prob,
+            "steps": self.steps,
             **{f"seconds_{k}": round(v, 4) for k, v in self.seconds.items()},
         }
 
@@ -80,7 +86,7 @@ class MissingStatisticsError(ValueError):
 
 
 def _keys_for_variant(keys: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key for the left vector, key for the residual and denominator); keys: (n_templates, d_in)."""
+    """(key for u, key for the residual and denominator); keys: (n_templates, d_in)."""
     k_star, k_prompt = keys.mean(0), keys[0]
     if variant == "r-rome":
         return k_star, k_star
@@ -107,17 +113,22 @@ def edit_layer(
     keys = keys_at(model, tok, names, layer, prompts)  # (n_templates, d_in) fp32
     k_left, k_ref = _keys_for_variant(keys, hp.variant)
     t1 = time.perf_counter()
-    value = optimise_delta(model, tok, names, layer, prompts, request.target_new, request.subject, hp)
+    value = optimise_delta(
+        model, tok, names, layer, prompts, request.target_new, request.subject, hp
+    )
     t2 = time.perf_counter()
     u, denominator = left_vector(cov, k_left.to(value.delta.device))  # (d_in,)
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t3 = time.perf_counter()
-    patch = Patch(layer, module_name, u, right, str(w.dtype), str(request.case_id or request.source))
+    patch = Patch(
+        layer, module_name, u, right, str(w.dtype), str(request.case_id or request.source)
+    )
     return LayerEdit(
         layer=layer,
         module=module_name,
         patch=patch,
         denominator=denominator,
+        divisor=float(k_ref.to(u.device) @ u),
         update_ratio=float(right.norm() * u.norm() / w.detach().float().norm()),
         delta_ratio=float(value.delta.norm() / value.z.norm()),
         loss=value.loss,
@@ -182,6 +193,8 @@ def _reject_reason(e: LayerEdit, max_update_ratio: float | None) -> str:
     if not all(math.isfinite(x) for x in figures) or not torch.isfinite(e.patch.right).all():
         return f"non-finite update at layer {e.layer}"
     if max_update_ratio is not None and e.update_ratio > max_update_ratio:
-        return (f"update ratio {e.update_ratio:.4g} at layer {e.layer} exceeds "
-                f"--max-update-ratio {max_update_ratio:g}")
+        return (
+            f"update ratio {e.update_ratio:.4g} at layer {e.layer} exceeds "
+            f"--max-update-ratio {max_update_ratio:g}"
+        )
     return ""

@@ -36,7 +36,9 @@ def templated(tok: PreTrainedTokenizerBase, request: EditRequest, template: str)
     return Templated(prompt_text, tokens, subject_end, subject_last_token(tokens, subject_end))
 
 
-def right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (batch, max_len), padded on the right."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -66,7 +68,10 @@ def keys_at(
     # padding after a prompt cannot change the keys we read.
     ids, mask = right_padded([p.tokens.ids for p in prompts], pad_id(tok), device)
     captured: list[torch.Tensor] = []
-    with capture_input(w_module, captured.append), stop_after(model.get_submodule(names.layer(layer))):
+    with (
+        capture_input(w_module, captured.append),
+        stop_after(model.get_submodule(names.layer(layer))),
+    ):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     k_all = captured[0]  # (batch, seq, d_in), model dtype
     rows = torch.arange(len(prompts), device=k_all.device)

@@ -46,6 +46,7 @@ def answer_tokens(t: Tokenised, answer_start: int) -> list[int]:
     A token that starts with the space before the answer (" English") belongs to the answer.
     """
     return [
-        i for i, (start, end) in enumerate(t.offsets)
+        i
+        for i, (start, end) in enumerate(t.offsets)
         if not _is_special((start, end)) and end > answer_start
     ]

@@ -74,7 +74,15 @@ _TOKENIZE_CHUNK = 64  # documents per tokenizer call
 SORT_WINDOW = 1024  # rows sorted by length together, to cut padding
 # Metadata that must match for a cached file to be used (the rest is informational).
 KEY_FIELDS = (
-    "format", "model", "revision", "module", "corpus_hash", "tokens", "max_len", "dtype", "d_in",
+    "format",
+    "model",
+    "revision",
+    "module",
+    "corpus_hash",
+    "tokens",
+    "max_len",
+    "dtype",
+    "d_in",
 )
 
 
@@ -193,7 +201,7 @@ def token_rows(
     def flush(texts: list[str]) -> Iterator[list[int]]:
         for ids in tok(texts, add_special_tokens=True, verbose=False)["input_ids"]:
             for start in range(0, len(ids), max_len):
-                yield ids[start:start + max_len]
+                yield ids[start : start + max_len]
 
     chunk: list[str] = []
     for text in documents:
@@ -254,8 +262,9 @@ def token_batches(rows: Iterable[list[int]], batch_tokens: int) -> Iterator[list
         yield batch
 
 
-def batch_stream(tok: PreTrainedTokenizerBase, corpus: Corpus, tokens: int, max_len: int,
-                 batch_tokens: int) -> Iterator[list[list[int]]]:
+def batch_stream(
+    tok: PreTrainedTokenizerBase, corpus: Corpus, tokens: int, max_len: int, batch_tokens: int
+) -> Iterator[list[list[int]]]:
     """The batches of the pass, the same on every rank and every run."""
     rows = within_budget(token_rows(tok, corpus.documents(), max_len), tokens)
     return token_batches(length_sorted(rows, SORT_WINDOW), batch_tokens)
@@ -354,8 +363,9 @@ def load_cached(path: Path, expected: dict[str, str]) -> SecondMoment | None:
     try:
         mom2, metadata = _read(path, "mom2")
     except Exception as err:  # any unreadable file is recomputed
-        warnings.warn(f"{path}: unreadable statistics ({err}); recomputing", StatsCacheWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: unreadable statistics ({err}); recomputing", StatsCacheWarning, stacklevel=3
+        )
         return None
     problem = _mismatch(metadata, expected)
     d_in = int(expected["d_in"])
@@ -364,8 +374,11 @@ def load_cached(path: Path, expected: dict[str, str]) -> SecondMoment | None:
     if problem is None and not torch.isfinite(mom2).all():
         problem = "tensor has non-finite values"
     if problem is not None:
-        warnings.warn(f"{path}: cached statistics do not match ({problem}); recomputing",
-                      StatsCacheWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: cached statistics do not match ({problem}); recomputing",
+            StatsCacheWarning,
+            stacklevel=3,
+        )
         return None
     return SecondMoment(mom2, int(metadata["tokens"]), metadata.get("corpus", ""), path, metadata)
 
@@ -389,11 +402,18 @@ class _Partial:
         self.tokens += real.shape[0]
 
 
-def _partial_metadata(key: dict[str, str], batch_tokens: int, rank: int, world: int,
-                      partial: _Partial) -> dict[str, str]:
-    return {**key, "batch_tokens": str(batch_tokens), "sort_window": str(SORT_WINDOW),
-            "rank": str(rank), "world": str(world), "tokens_done": str(partial.tokens),
-            "next_batch": str(partial.next_batch)}
+def _partial_metadata(
+    key: dict[str, str], batch_tokens: int, rank: int, world: int, partial: _Partial
+) -> dict[str, str]:
+    return {
+        **key,
+        "batch_tokens": str(batch_tokens),
+        "sort_window": str(SORT_WINDOW),
+        "rank": str(rank),
+        "world": str(world),
+        "tokens_done": str(partial.tokens),
+        "next_batch": str(partial.next_batch),
+    }
 
 
 def _resume(path: Path, fresh: _Partial, expected: dict[str, str]) -> _Partial:
@@ -403,8 +423,11 @@ def _resume(path: Path, fresh: _Partial, expected: dict[str, str]) -> _Partial:
     try:
         mom2_sum, metadata = _read(path, "mom2_sum")
         problem = next(
-            (f"{k} is {metadata.get(k)!r}, expected {v!r}" for k, v in expected.items()
-             if metadata.get(k) != v),
+            (
+                f"{k} is {metadata.get(k)!r}, expected {v!r}"
+                for k, v in expected.items()
+                if metadata.get(k) != v
+            ),
             None,
         )
         if problem is None and mom2_sum.shape != fresh.mom2_sum.shape:
@@ -415,8 +438,11 @@ def _resume(path: Path, fresh: _Partial, expected: dict[str, str]) -> _Partial:
             return _Partial(mom2_sum.to(device=device, dtype=torch.float64), tokens, next_batch)
     except Exception as err:  # a damaged checkpoint only costs a restart
         problem = str(err)
-    warnings.warn(f"{path}: ignoring checkpoint ({problem}); starting from the beginning",
-                  StatsCacheWarning, stacklevel=3)
+    warnings.warn(
+        f"{path}: ignoring checkpoint ({problem}); starting from the beginning",
+        StatsCacheWarning,
+        stacklevel=3,
+    )
     return fresh
 
 
@@ -432,8 +458,9 @@ def _pad_id(tok: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def _keys_of(model: PreTrainedModel, names: ModuleNames, layer: int, ids: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
+def _keys_of(
+    model: PreTrainedModel, names: ModuleNames, layer: int, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """W's input for one batch, (rows, seq, d_in); nothing above ``layer`` is computed."""
     captured: list[torch.Tensor] = []
     block = get_module(model, names.layer(layer))
@@ -458,9 +485,15 @@ class _TokensPerSecond(ProgressColumn):
 
 def _progress_bar(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        _TokensPerSecond(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _TokensPerSecond(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
     )
 
 
@@ -520,8 +553,16 @@ def distributed_from_env() -> Iterator[tuple[int, int]]:
 # ------------------------------------------------------------------------------------- the pass
 
 
-def _key(model: PreTrainedModel, names: ModuleNames, layer: int, model_id: str,
-         revision: str | None, corpus: Corpus, tokens: int, max_len: int) -> dict[str, str]:
+def _key(
+    model: PreTrainedModel,
+    names: ModuleNames,
+    layer: int,
+    model_id: str,
+    revision: str | None,
+    corpus: Corpus,
+    tokens: int,
+    max_len: int,
+) -> dict[str, str]:
     weight = weight_as_out_in(get_module(model, names.rewrite(layer)))
     return {
         "format": FORMAT,
@@ -536,16 +577,26 @@ def _key(model: PreTrainedModel, names: ModuleNames, layer: int, model_id: str,
     }
 
 
-def _accumulate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames,
-                layer: int, corpus: Corpus, key: dict[str, str], batch_tokens: int,
-                partial_path: Path, checkpoint_every: int, progress: bool) -> _Partial:
+def _accumulate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    layer: int,
+    corpus: Corpus,
+    key: dict[str, str],
+    batch_tokens: int,
+    partial_path: Path,
+    checkpoint_every: int,
+    progress: bool,
+) -> _Partial:
     """Run this rank's share of the batches, resuming from and saving to ``partial_path``."""
     rank, world = _world()
     tokens, max_len = int(key["tokens"]), int(key["max_len"])
     weight = weight_as_out_in(get_module(model, names.rewrite(layer)))
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-    fresh = _Partial(torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64,
-                                 device=device))
+    fresh = _Partial(
+        torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
+    )
     meta = _partial_metadata(key, batch_tokens, rank, world, fresh)
     expected = {k: meta[k] for k in (*KEY_FIELDS, "batch_tokens", "sort_window", "rank", "world")}
     state = _resume(partial_path, fresh, expected)
@@ -612,18 +663,36 @@ def second_moment(
     if _all_agree(cached is not None, device if device.type != "meta" else torch.device("cpu")):
         return cached  # type: ignore[return-value]
     partial_path = _partial_path(path, rank, world)
-    state = _accumulate(model, tok, names, layer, source, key, batch_tokens, partial_path,
-                        checkpoint_every, progress)
+    state = _accumulate(
+        model,
+        tok,
+        names,
+        layer,
+        source,
+        key,
+        batch_tokens,
+        partial_path,
+        checkpoint_every,
+        progress,
+    )
     mom2_sum = _all_reduce(state.mom2_sum)
-    total = int(_all_reduce(torch.tensor([state.tokens], dtype=torch.float64,
-                                         device=mom2_sum.device)).item())
+    total = int(
+        _all_reduce(
+            torch.tensor([state.tokens], dtype=torch.float64, device=mom2_sum.device)
+        ).item()
+    )
     if total != tokens:
         raise RuntimeError(f"counted {total} tokens, expected {tokens}: batches were lost")
     mom2 = (mom2_sum / total).to(device="cpu", dtype=torch.float32)
     metadata = {
-        **key, "corpus": source.source, "layer": str(layer), "model_id": model_id,
-        "batch_tokens": str(batch_tokens), "world": str(world),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
+        **key,
+        "corpus": source.source,
+        "layer": str(layer),
+        "model_id": model_id,
+        "batch_tokens": str(batch_tokens),
+        "world": str(world),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
     }
     if rank == 0:
         _save_atomic(path, {"mom2": mom2}, metadata)
@@ -667,9 +736,18 @@ def stats_command(
             stats_dir = Path(hparams.stats_dir)
         loaded = load_model(model, dtype, devices, hparams)
         result = second_moment(
-            loaded.model, loaded.tok, loaded.names, layer, model_id=loaded.model_id,
-            revision=loaded.revision, corpus=corpus, tokens=tokens, max_len=max_len,
-            batch_tokens=batch_tokens, stats_dir=stats_dir, progress=progress,
+            loaded.model,
+            loaded.tok,
+            loaded.names,
+            layer,
+            model_id=loaded.model_id,
+            revision=loaded.revision,
+            corpus=corpus,
+            tokens=tokens,
+            max_len=max_len,
+            batch_tokens=batch_tokens,
+            stats_dir=stats_dir,
+            progress=progress,
         )
         if out is not None and rank == 0:
             _save_atomic(Path(out), {"mom2": result.mom2}, result.metadata)
@@ -694,8 +772,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = stats_command(
-        args.model, args.layer, args.corpus, args.tokens, args.max_len, args.batch_tokens,
-        args.stats_dir, args.dtype, args.devices, progress=not args.no_progress, out=args.out,
+        args.model,
+        args.layer,
+        args.corpus,
+        args.tokens,
+        args.max_len,
+        args.batch_tokens,
+        args.stats_dir,
+        args.dtype,
+        args.devices,
+        progress=not args.no_progress,
+        out=args.out,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{result.path}  ({result.tokens} tokens, C {tuple(result.mom2.shape)})")

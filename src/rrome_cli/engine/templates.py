@@ -22,7 +22,7 @@ def generate_templates(
     length_params: list[list[int]],
     seed: int = 0,
 ) -> list[str]:
-    """``["{}"]`` + for each ``[length, n]``: n samples of ``length`` new tokens, as ``"... {}"``."""
+    """``["{}"]`` + for each ``[length, n]``: n samples of ``length`` new tokens, as "... {}"."""
     device = model.get_input_embeddings().weight.device
     templates = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -49,8 +49,13 @@ def _sample(
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     out = model.generate(
-        ids, attention_mask=mask, do_sample=True, top_k=5, max_new_tokens=length,
-        min_new_tokens=length, pad_token_id=pad,
+        ids,
+        attention_mask=mask,
+        do_sample=True,
+        top_k=5,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        pad_token_id=pad,
     )
     return [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
 

@@ -24,7 +24,9 @@ class KeyCovariance:
     ``mom2=None`` means C = I (``mom2_adjustment: false``, EasyEdit's default): x = k.
     """
 
-    def __init__(self, mom2: torch.Tensor | None, ridge: float = 0.0, device: torch.device | None = None):
+    def __init__(
+        self, mom2: torch.Tensor | None, ridge: float = 0.0, device: torch.device | None = None
+    ):
         self.identity = mom2 is None
         self.ridge = 0.0
         if mom2 is None:
@@ -115,7 +117,13 @@ def load_patches(path: Path) -> list[Patch]:
         raise ValueError(f"{path}: not an rrome patches file (no rrome_patches metadata)")
     tensors = load_file(str(path))
     return [
-        Patch(m["layer"], m["module"], tensors[f"{i}.left"], tensors[f"{i}.right"], m["dtype"],
-              m.get("request", ""))
+        Patch(
+            m["layer"],
+            m["module"],
+            tensors[f"{i}.left"],
+            tensors[f"{i}.right"],
+            m["dtype"],
+            m.get("request", ""),
+        )
         for i, m in enumerate(meta)
     ]

@@ -70,7 +70,9 @@ def build_batch(
         full = tokenise(tok, f"{p.text} {target}")
         answer = answer_tokens(full, len(p.text))
         s = subject_last_token(full, p.subject_end)
-        rows.append((full.ids[: answer[-1]], s))  # teacher forcing: the last target token is not fed
+        rows.append(
+            (full.ids[: answer[-1]], s)
+        )  # teacher forcing: the last target token is not fed
         targets += [(r, j, full.ids[j]) for j in answer]
     kl = tokenise(tok, KL_TEMPLATE.replace("{}", subject))
     rows.append((kl.ids, subject_last_token(kl, len(subject))))
@@ -93,8 +95,15 @@ def build_batch(
     t_ids = torch.tensor([t for _, _, t in targets])
     to = {"device": device}
     return Batch(
-        prefix_ids.to(**to), prefix_mask.to(**to), suffix_ids.to(**to), suffix_mask.to(**to),
-        suffix_pos.to(**to), t_rows.to(**to), t_cols.to(**to), t_ids.to(**to), len(prompts),
+        prefix_ids.to(**to),
+        prefix_mask.to(**to),
+        suffix_ids.to(**to),
+        suffix_mask.to(**to),
+        suffix_pos.to(**to),
+        t_rows.to(**to),
+        t_cols.to(**to),
+        t_ids.to(**to),
+        len(prompts),
     )
 
 
@@ -107,7 +116,7 @@ def frozen(model: PreTrainedModel) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -126,7 +135,9 @@ class SuffixRunner:
             mask[mask.sum(1) == 0, 0] = 1
             with torch.no_grad():
                 self.base(
-                    input_ids=batch.prefix_ids, attention_mask=mask, cache=self.cache,
+                    input_ids=batch.prefix_ids,
+                    attention_mask=mask,
+                    cache=self.cache,
                     use_cache=True,
                 )
         # The prefix keys and values of every layer, put back after each suffix pass.
@@ -138,15 +149,31 @@ class SuffixRunner:
     def hidden(self) -> torch.Tensor:
         """Final hidden states of the suffix tokens: (B, S, d)."""
         b = self.batch
+        if self.prefix_len == 0:
+            # Nothing cached to reuse (every subject is its prompt's first token). Running with
+            # self.cache would leave this pass's keys in it: prefix_kv is empty, so nothing
+            # would drop them, and the next pass would attend to them.
+            out = self.base(
+                input_ids=b.suffix_ids,
+                attention_mask=self.mask,
+                position_ids=b.suffix_pos,
+                use_cache=False,
+            )
+            return out.last_hidden_state
         out = self.base(
-            input_ids=b.suffix_ids, attention_mask=self.mask, position_ids=b.suffix_pos,
-            cache=self.cache, use_cache=True,
+            input_ids=b.suffix_ids,
+            attention_mask=self.mask,
+            position_ids=b.suffix_pos,
+            cache=self.cache,
+            use_cache=True,
         )
-        for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv):
+        for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv, strict=True):
             layer.keys, layer.values = keys, values  # drop the suffix; reuse the prefix
         return out.last_hidden_state
 
-    def log_probs(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def log_probs(
+        self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
         """fp32 log-softmax of the logits at (rows, cols) only: (N, vocab)."""
         h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
         logits = self.head(h.to(self.head.weight.device)).float()
@@ -158,7 +185,9 @@ class SuffixRunner:
 def _nll_per_prompt(logp_targets: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean NLL of the target tokens of each rewriting prompt: (n_rewrite,)."""
     rows = batch.target_rows.to(logp_targets.device)
-    total = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(0, rows, -logp_targets)
+    total = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(
+        0, rows, -logp_targets
+    )
     count = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(
         0, rows, torch.ones_like(logp_targets)
     )
@@ -207,8 +236,12 @@ def optimise_delta(
             logp_t = logp.gather(1, batch.target_ids.to(logp.device)[:, None])[:, 0]
             nll_each = _nll_per_prompt(logp_t, batch)
             nll = nll_each.mean()
-            kl = F.kl_div(kl_ref, runner.log_probs(hidden, kl_row, kl_col), log_target=True,
-                          reduction="batchmean")
+            kl = F.kl_div(
+                kl_ref,
+                runner.log_probs(hidden, kl_row, kl_col),
+                log_target=True,
+                reduction="batchmean",
+            )
             decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
             loss = nll + hp.kl_factor * kl.to(nll.device) + decay.to(nll.device)
             loss_v, nll_v = loss.item(), nll.item()

@@ -73,8 +73,10 @@ def histogram_svg(title: str, groups: Mapping[str, Sequence[float]], bins: int =
     low, high = _span(values, title in UNIT_RANGE)
     edges = [low + (high - low) * i / bins for i in range(bins + 1)]
     counts = {
-        name: [sum(edges[b] <= v < edges[b + 1] or (b == bins - 1 and v == high) for v in vs)
-               for b in range(bins)]
+        name: [
+            sum(edges[b] <= v < edges[b + 1] or (b == bins - 1 and v == high) for v in vs)
+            for b in range(bins)
+        ]
         for name, vs in groups.items()
     }
     top = max(max(c) for c in counts.values()) or 1
@@ -102,8 +104,10 @@ def line_svg(title: str, series: Mapping[str, Sequence[tuple[float, float]]]) ->
     plot_w, plot_h = WIDTH - MARGIN - 10, HEIGHT - MARGIN - 20
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return (MARGIN + plot_w * (x - x_low) / (x_high - x_low),
-                HEIGHT - MARGIN - plot_h * (y - y_low) / (y_high - y_low))
+        return (
+            MARGIN + plot_w * (x - x_low) / (x_high - x_low),
+            HEIGHT - MARGIN - plot_h * (y - y_low) / (y_high - y_low),
+        )
 
     parts = _frame(title, (x_low, x_high), (y_low, y_high))
     for i, (name, pts) in enumerate(series.items()):
@@ -126,11 +130,15 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     for name in metric_names([dict.fromkeys(pre, 0.0), dict.fromkeys(post, 0.0)]):
         cells = []
         for stats in (pre.get(name), post.get(name)):
-            cells.append("-" if not stats else
-                         f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]")
+            cells.append(
+                "-"
+                if not stats
+                else f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
+            )
         n = max(pre.get(name, {}).get("n", 0), post.get(name, {}).get("n", 0))
-        rows.append(f"<tr><td>{_esc(name)}</td><td>{n}</td><td>{cells[0]}</td>"
-                    f"<td>{cells[1]}</td></tr>")
+        rows.append(
+            f"<tr><td>{_esc(name)}</td><td>{n}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>"
+        )
     scores = summary.get("score", {})
     if any(v is not None for v in scores.values()):
         cells = ["-" if scores.get(p) is None else _fmt(scores[p]) for p in PHASES]
@@ -144,8 +152,10 @@ def _histograms(records: Sequence[Mapping[str, Any]]) -> list[str]:
     by_phase = {phase: phase_values(records, phase) for phase in PHASES}
     plots = []
     for name in metric_names([d for ds in by_phase.values() for d in ds]):
-        groups = {phase: [float(d[name]) for d in ds if isinstance(d.get(name), int | float)]
-                  for phase, ds in by_phase.items()}
+        groups = {
+            phase: [float(d[name]) for d in ds if isinstance(d.get(name), int | float)]
+            for phase, ds in by_phase.items()
+        }
         groups = {phase: vs for phase, vs in groups.items() if vs}
         plots.append(histogram_svg(name, groups))
     return plots
@@ -166,11 +176,18 @@ def _series(
 def _sequential(records: Sequence[Mapping[str, Any]]) -> list[str]:
     indexed = sorted((r for r in records if "index" in r), key=lambda r: r["index"])
     charts = [
-        ("post-edit metrics against edits", lambda r: {
-            k: v for k, v in (r.get("post") or {}).items() if k in UNIT_RANGE}),
-        ("update norms against edits", lambda r: {
-            k: v for k, v in (r.get("guard") or {}).items()
-            if k in ("update_ratio", "cumulative_ratio")}),
+        (
+            "post-edit metrics against edits",
+            lambda r: {k: v for k, v in (r.get("post") or {}).items() if k in UNIT_RANGE},
+        ),
+        (
+            "update norms against edits",
+            lambda r: {
+                k: v
+                for k, v in (r.get("guard") or {}).items()
+                if k in ("update_ratio", "cumulative_ratio")
+            },
+        ),
         ("probe entropy against edits", lambda r: {"probe_entropy": r.get("probe_entropy")}),
     ]
     plots = []
@@ -181,8 +198,9 @@ def _sequential(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return plots
 
 
-def render_html(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
-                provenance: Mapping[str, Any]) -> str:
+def render_html(
+    summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]
+) -> str:
     """The report page as a string."""
     keys = [k for k in PROVENANCE_KEYS if k in provenance]
     keys += sorted(k for k in provenance if k not in PROVENANCE_KEYS)
@@ -193,17 +211,34 @@ def render_html(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
         "<h2>Summary (mean [95% bootstrap interval])</h2>",
         _summary_table(summary),
         "<h2>Per-request distributions</h2>",
-        '<div class="plots">', *_histograms(records), "</div>",
+        '<div class="plots">',
+        *_histograms(records),
+        "</div>",
     ]
     indexed = sum("index" in r for r in records)
     if provenance.get("protocol", "") != "independent" and indexed >= 2:
-        body += ["<h2>Sequential editing</h2>", '<div class="plots">', *_sequential(records),
-                 "</div>"]
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        "<title>rrome evaluation</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-        *body, "</body>", "</html>", "",
-    ])
+        body += [
+            "<h2>Sequential editing</h2>",
+            '<div class="plots">',
+            *_sequential(records),
+            "</div>",
+        ]
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            "<title>rrome evaluation</title>",
+            f"<style>{CSS}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
 
 
 def write_html(path: str | Path, summary: dict, records: list[dict], provenance: dict) -> None:

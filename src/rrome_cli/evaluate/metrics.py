@@ -39,13 +39,17 @@ class Reference:
     locality_answer_ids: list[list[int]] = field(default_factory=list)  # to check alignment
 
     def to_dict(self) -> dict[str, Any]:
-        return {"locality_argmax": self.locality_argmax,
-                "locality_answer_ids": self.locality_answer_ids}
+        return {
+            "locality_argmax": self.locality_argmax,
+            "locality_answer_ids": self.locality_answer_ids,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Reference:
-        return cls([list(x) for x in data["locality_argmax"]],
-                   [list(x) for x in data["locality_answer_ids"]])
+        return cls(
+            [list(x) for x in data["locality_argmax"]],
+            [list(x) for x in data["locality_answer_ids"]],
+        )
 
 
 def token_accuracy(predicted: list[int], target: list[int]) -> float:
@@ -88,8 +92,12 @@ def _locality(
             f"request {request.case_id!r} ({request.source or 'no source'}): the reference's "
             "locality answers do not match this request's (was it made for another request?)"
         )
-    return _mean([locality_agreement(pre, s.predicted_ids)
-                  for pre, s in zip(reference.locality_argmax, scores, strict=True)])
+    return _mean(
+        [
+            locality_agreement(pre, s.predicted_ids)
+            for pre, s in zip(reference.locality_argmax, scores, strict=True)
+        ]
+    )
 
 
 def _counterfact(by_role: dict[str, list[AnswerScore]]) -> dict[str, float]:
@@ -188,7 +196,14 @@ def evaluate_request(
     (no rephrases, no ground truth, ...) are absent.
     """
     (result,) = evaluate_requests(
-        model, tok, [request], [reference], fluency, seed,
-        padding_side=padding_side, max_new_tokens=max_new_tokens, sample=sample,
+        model,
+        tok,
+        [request],
+        [reference],
+        fluency,
+        seed,
+        padding_side=padding_side,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
     )
     return result

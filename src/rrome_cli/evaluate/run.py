@@ -41,10 +41,15 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
     from rrome_cli.engine.update import apply_patch, load_patches
     from rrome_cli.run import new_run_dir, write_json
 
-    requests: list[EditRequest] = list(read_requests(
-        opts.requests, fmt=opts.fmt, skip_invalid=opts.skip_invalid, limit=opts.limit,
-        warn=lambda m: console.print(f"[yellow]{m}"),
-    ))
+    requests: list[EditRequest] = list(
+        read_requests(
+            opts.requests,
+            fmt=opts.fmt,
+            skip_invalid=opts.skip_invalid,
+            limit=opts.limit,
+            warn=lambda m: console.print(f"[yellow]{m}"),
+        )
+    )
     base = load_model(opts.model, opts.dtype, opts.devices)
     console.print(f"evaluating {len(requests)} requests on {base.model_id}")
     pre = evaluate_requests(base.model, base.tok, requests, fluency=opts.fluency, seed=opts.seed)
@@ -55,25 +60,46 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
         for patch in patches:
             apply_patch(base.model, patch)
         protocol = f"base + {len(patches)} patches ({opts.patches})"
-        post = evaluate_requests(base.model, base.tok, requests, [r for _, r in pre],
-                                 fluency=opts.fluency, seed=opts.seed)
+        post = evaluate_requests(
+            base.model,
+            base.tok,
+            requests,
+            [r for _, r in pre],
+            fluency=opts.fluency,
+            seed=opts.seed,
+        )
     elif opts.compare:
         other = load_model(opts.compare, opts.dtype, opts.devices)
         protocol = f"{base.model_id} vs {other.model_id}"
-        post = evaluate_requests(other.model, other.tok, requests, [r for _, r in pre],
-                                 fluency=opts.fluency, seed=opts.seed)
+        post = evaluate_requests(
+            other.model,
+            other.tok,
+            requests,
+            [r for _, r in pre],
+            fluency=opts.fluency,
+            seed=opts.seed,
+        )
     records = []
     for i, request in enumerate(requests):
-        record = {"index": i, "case_id": request.case_id, "source": request.source,
-                  "request": request_to_dict(request), "status": "applied", "pre": pre[i][0]}
+        record = {
+            "index": i,
+            "case_id": request.case_id,
+            "source": request.source,
+            "request": request_to_dict(request),
+            "status": "applied",
+            "pre": pre[i][0],
+        }
         if post is not None:
             record["post"] = post[i][0]
         records.append(record)
     out = new_run_dir(opts.out)
     (out / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = summarise(records)
-    provenance = {"model": base.model_id, "dtype": str(base.dtype).replace("torch.", ""),
-                  "protocol": protocol}
+    provenance = {
+        "model": base.model_id,
+        "dtype": str(base.dtype).replace("torch.", ""),
+        "protocol": protocol,
+    }
     write_json(out / "summary.json", summary | {"provenance": provenance})
     render_summary(summary, provenance, console)
     if opts.html:

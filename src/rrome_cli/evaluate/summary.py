@@ -20,8 +20,19 @@ from rrome_cli.evaluate.counterfact import harmonic_mean
 
 PHASES = ("pre", "post")
 METRIC_ORDER = (
-    "rewrite_acc", "rephrase_acc", "locality", "portability",
-    "es", "ps", "ns", "em", "pm", "nm", "nll_new", "nll_true", "fluency",
+    "rewrite_acc",
+    "rephrase_acc",
+    "locality",
+    "portability",
+    "es",
+    "ps",
+    "ns",
+    "em",
+    "pm",
+    "nm",
+    "nll_new",
+    "nll_true",
+    "fluency",
 )
 STATUSES = ("applied", "rejected", "failed")
 PROVENANCE_KEYS = ("model", "variant", "covariance", "dtype", "protocol")
@@ -74,8 +85,12 @@ def summarise(records: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
         for name in metric_names(dicts):
             values = [float(d[name]) for d in dicts if isinstance(d.get(name), int | float)]
             low, high = bootstrap_interval(values, n_boot, seed)
-            table[name] = {"mean": float(np.mean(values)), "low": low, "high": high,
-                           "n": len(values)}
+            table[name] = {
+                "mean": float(np.mean(values)),
+                "low": low,
+                "high": high,
+                "n": len(values),
+            }
         summary["metrics"][phase] = table
         parts = [table[m]["mean"] for m in ("es", "ps", "ns") if m in table]
         summary["score"][phase] = harmonic_mean(parts) if len(parts) == 3 else None
@@ -98,8 +113,11 @@ def render_summary(summary: dict, provenance: dict, console: Console) -> None:
     for key in keys:
         header.add_row(key, str(provenance[key]))
     counts = summary["counts"]
-    header.add_row("edits", f"{summary['n_records']} requests: " + ", ".join(
-        f"{counts.get(s, 0)} {s}" for s in STATUSES))
+    header.add_row(
+        "edits",
+        f"{summary['n_records']} requests: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES),
+    )
     console.print(header)
 
     table = Table(title="Metrics: mean [95% bootstrap interval]")
@@ -113,6 +131,7 @@ def render_summary(summary: dict, provenance: dict, console: Console) -> None:
         table.add_row(name, str(n), _cell(pre.get(name)), _cell(post.get(name)))
     scores = summary["score"]
     if any(v is not None for v in scores.values()):
-        table.add_row("S", "", *(f"{scores[p]:.3f}" if scores.get(p) is not None else "-"
-                                 for p in PHASES))
+        table.add_row(
+            "S", "", *(f"{scores[p]:.3f}" if scores.get(p) is not None else "-" for p in PHASES)
+        )
     console.print(table)

@@ -71,7 +71,8 @@ def parse_devices(spec: str | None) -> list[torch.device]:
         try:
             devices.append(torch.device(part))
         except RuntimeError:
-            raise ModelLoadError(f"--devices: cannot read {part!r} (use cpu, 0, 0,1 or cuda:1)")
+            msg = f"--devices: cannot read {part!r} (use cpu, 0, 0,1 or cuda:1)"
+            raise ModelLoadError(msg) from None
     return devices
 
 
@@ -119,7 +120,7 @@ def load_config(model: str | None) -> PretrainedConfig:
     """The model's configuration only; offline for shipped aliases and local checkpoints."""
     model = model or DEFAULT_MODEL
     if model.startswith(TINY_PREFIX):
-        family = model[len(TINY_PREFIX):]
+        family = model[len(TINY_PREFIX) :]
         return tiny.tiny_model(family)[0].config
     shipped = shipped_config(model)
     if shipped is not None:
@@ -130,7 +131,9 @@ def load_config(model: str | None) -> PretrainedConfig:
         raise ModelLoadError(f"--model {model}: no config found ({err})") from None
 
 
-def choose_dtype(config: PretrainedConfig, dtype: str | None, devices: list[torch.device]) -> torch.dtype:
+def choose_dtype(
+    config: PretrainedConfig, dtype: str | None, devices: list[torch.device]
+) -> torch.dtype:
     """The asked dtype, else the checkpoint's own, except fp32 when everything is on the CPU."""
     if dtype:
         return DTYPES[dtype]
@@ -159,7 +162,9 @@ def device_map_for(
         max_memory = {}
         for d in devices:
             key = d.index if d.type == "cuda" else d.type
-            max_memory[key] = torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else "64GiB"
+            max_memory[key] = (
+                torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else "64GiB"
+            )
     return infer_auto_device_map(
         empty,
         max_memory=max_memory,
@@ -180,7 +185,7 @@ def load_model(
     targets = parse_devices(devices)
     overrides = hparams.module_overrides() if hparams else None
     if name.startswith(TINY_PREFIX):
-        net, tok = tiny.tiny_model(name[len(TINY_PREFIX):])
+        net, tok = tiny.tiny_model(name[len(TINY_PREFIX) :])
         net = net.to(dtype=DTYPES.get(dtype or "fp32"), device=targets[0])
         return LoadedModel(net, tok, module_names(type(net).__name__, overrides), name, None)
     source = resolve(name)

@@ -52,7 +52,11 @@ def tiny_tokenizer(style: str = "byte") -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
     fast.model_max_length = 256
     return fast
@@ -61,8 +65,13 @@ def tiny_tokenizer(style: str = "byte") -> PreTrainedTokenizerFast:
 def _config(family: str, vocab: int) -> PretrainedConfig:
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     llama = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **common,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
     )
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
@@ -70,8 +79,12 @@ def _config(family: str, vocab: int) -> PretrainedConfig:
         return GPTJConfig(n_embd=64, n_layer=4, n_head=4, n_positions=256, rotary_dim=8, **common)
     if family == "gpt-neox":
         return GPTNeoXConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=256, **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
         )
     if family == "llama":
         return LlamaConfig(**llama)
