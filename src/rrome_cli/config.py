@@ -76,6 +76,8 @@ class HParams:
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
         if self.v_stop not in ("loss", "target"):
             raise HParamsError(f"v_stop must be 'loss' or 'target', got {self.v_stop!r}")
+        if self.v_num_grad_steps < 1:
+            raise HParamsError("v_num_grad_steps must be at least 1")
         if not self.layers:
             raise HParamsError("layers must name at least one layer")
 

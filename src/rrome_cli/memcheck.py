@@ -527,6 +527,7 @@ class MemoryPlan:
     devices: list[DevicePlan]
     components: dict[str, int]  # the edited layer's device, in bytes; see ``render``
     edit_device: str
+    device_map: dict[str, int | str]  # accelerate's map the plan assumes ({"": 0}: all on one)
     batch_tokens: int
     max_len: int
     fix: str = ""
@@ -561,7 +562,8 @@ class MemoryPlan:
         data: dict[str, Any] = {
             "model": self.model, "dtype": self.dtype, "layers": self.layers,
             "fits": self.fits, "verdict": self.verdict(), "fix": self.fix,
-            "edit_device": self.edit_device, "geometry": asdict(self.geometry),
+            "edit_device": self.edit_device, "device_map": self.device_map,
+            "geometry": asdict(self.geometry),
             "batch_tokens": self.batch_tokens, "max_len": self.max_len,
             "devices": devices, "components": self.components, "notes": self.notes,
             "problems": self.problems,
@@ -800,6 +802,7 @@ def _plan(
         model=m.name, dtype=DTYPE_NAMES.get(next(m.meta.parameters()).dtype, "?"),
         layers=list(hparams.layers), geometry=geo, devices=plans, components=components,
         edit_device=_label(run_on(placement(m.names.rewrite(hparams.layers[0]), dmap))),
+        device_map=dmap,
         batch_tokens=batch_tokens, max_len=max_len, notes=notes, problems=problems,
     )
 
@@ -813,6 +816,8 @@ def plan(
     batch_tokens: int = 4096,
     max_len: int = 512,
     n_templates: int | None = None,
+    *,
+    geometry: Geometry | None = None,
 ) -> MemoryPlan:
     """Memory per device for editing ``model`` with ``hparams``, and the cheapest fix if it
     does not fit: bf16 instead of fp32, another device, fewer templates, smaller statistics
@@ -822,6 +827,8 @@ def plan(
     ``devices``: as ``--devices`` ("0,1", "cpu"); None: the GPUs named in ``max_memory``,
     else the first GPU, else the CPU. ``max_memory``: accelerate's per-device limits, which
     also stand for the size of GPUs this machine does not have; "cpu"/"disk" allow offload.
+    ``geometry``: the request's exact batch shapes (``geometry_for``) instead of a typical
+    request's (``estimate_geometry`` with ``n_templates``).
     """
     limits = {k: convert_file_size_to_int(v) if isinstance(v, str) else int(v)
               for k, v in (max_memory or {}).items()}
@@ -831,7 +838,7 @@ def plan(
         torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
-    geo = estimate_geometry(hparams, n_templates)
+    geo = geometry or estimate_geometry(hparams, n_templates)
     built = _model(model, torch_dtype, hparams)
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len)
     if not result.fits:

@@ -29,10 +29,23 @@ from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
-from rrome_cli.evaluate import evaluate_request
+from rrome_cli.evaluate import evaluate_request, first_collapse, probe_entropy
 from rrome_cli.models.families import weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict
+
+# A fixed probe set for sequential runs: if the model collapses, its generations here turn
+# repetitive and their word entropy falls.
+PROBE_PROMPTS = (
+    "The capital of France is",
+    "My favourite food is",
+    "In 1969, the first",
+    "The best way to learn a language is",
+    "Water boils at",
+    "The history of the Roman Empire",
+    "She opened the door and",
+    "Scientists have discovered that",
+)
 
 
 @dataclass
@@ -71,6 +84,7 @@ class RunState:
     patches: list[Patch] = field(default_factory=list)
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per edited module
     failed: int = 0
+    baseline_entropy: float | None = None  # probe-set entropy of the unedited model
 
 
 def new_run_dir(out: Path | None) -> Path:
@@ -210,6 +224,8 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         record["post"] = post
         if opts.sequential:
             record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
+            if opts.probe_every and (index + 1) % opts.probe_every == 0:
+                record["probe_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
             state.patches.extend(result.patches)
             save_patches(state.out / "patches.safetensors", state.patches)
         else:
@@ -255,17 +271,17 @@ def run_edits(
     templates = prepare_templates(loaded, hp, opts, out)
     covariances, cov_source = prepare_covariances(loaded, hp, opts)
     state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
-    prov = provenance(state, out / "templates.json")
-    if not resume:
-        write_json(out / "run.json", prov)
-    if resume and opts.sequential and (out / "patches.safetensors").exists():
-        state.patches = load_patches(out / "patches.safetensors")
-        for patch in state.patches:  # back to where the interrupted run stood
-            name = patch.module
-            w = weight_as_out_in(loaded.model.get_submodule(name))
-            state.base_weights.setdefault(name, w.detach().float().clone())
-            apply_patch(loaded.model, patch)
-
+    if resume:
+        prov = json.loads((out / "run.json").read_text())
+    else:
+        prov = provenance(state, out / "templates.json")
+    if opts.sequential and opts.probe_every and "baseline_entropy" not in prov:
+        # measured on the unedited model, before any (re-applied) edit
+        prov["baseline_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
+    state.baseline_entropy = prov.get("baseline_entropy")
+    write_json(out / "run.json", prov)
+    if resume and opts.sequential:
+        reapply_patches(state)
     records = list(previous)
     done = {r["index"] for r in previous}
     stdout = sys.stdout if opts.report == "-" else None
@@ -286,6 +302,16 @@ def run_edits(
         write_jsonl(out / "retrospective.jsonl", retro)
     summary = summarise(records)
     summary["failed_internal"] = state.failed
+    if opts.sequential:
+        collapse = first_collapse(records, state.baseline_entropy)
+        summary["baseline_entropy"] = state.baseline_entropy
+        summary["collapsed"] = collapse is not None
+        summary["collapse"] = asdict(collapse) if collapse else None
+        if collapse:
+            console.print(
+                f"[red]collapse at edit {collapse.index}: {collapse.reason} "
+                f"({collapse.value:.4g} vs {collapse.threshold:.4g})"
+            )
     write_json(out / "summary.json", summary)
     if not opts.sequential:
         save_patches(out / "patches.safetensors", state.patches)
@@ -294,6 +320,16 @@ def run_edits(
     shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
     render_summary(summary, {k: prov[k] for k in shown}, console)
     return out, summary
+
+
+def reapply_patches(state: RunState) -> None:
+    """Sequential resume: bring the model back to where the interrupted run stood."""
+    path = state.out / "patches.safetensors"
+    state.patches = load_patches(path) if path.exists() else []
+    for patch in state.patches:
+        w = weight_as_out_in(state.loaded.model.get_submodule(patch.module))
+        state.base_weights.setdefault(patch.module, w.detach().float().clone())
+        apply_patch(state.loaded.model, patch)
 
 
 def _safe_edit(

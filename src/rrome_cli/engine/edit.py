@@ -10,6 +10,7 @@ Variants (which key stands where; Gupta et al. 2024, "Rebuilding ROME"):
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -134,7 +135,12 @@ def edit_layer(
         loss=value.loss,
         target_prob=value.target_prob,
         steps=value.steps,
-        seconds={"keys": t1 - t0, "values": t2 - t1, "solve": t3 - t2},
+        seconds={
+            "keys": t1 - t0,
+            "values": t2 - t1,
+            "solve": t3 - t2,
+            "step": statistics.median(value.step_seconds) if value.step_seconds else 0.0,
+        },
     )
 
 

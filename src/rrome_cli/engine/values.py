@@ -40,6 +40,7 @@ class ValueResult:
     target_prob: float  # mean over prompts of the mean target-token probability
     steps: int
     seconds: float
+    step_seconds: list[float]  # wall time of each optimisation step
 
 
 @dataclass
@@ -209,8 +210,6 @@ def optimise_delta(
     mlp = model.get_submodule(names.mlp(layer))
     mlp_device = next(model.get_submodule(names.rewrite(layer)).parameters()).device
     batch = build_batch(tok, prompts, target, subject, model.get_input_embeddings().weight.device)
-    kl_row = torch.tensor([batch.n_rewrite])
-    kl_col = torch.tensor([0])
 
     with frozen(model):
         runner = SuffixRunner(model, batch)
@@ -218,7 +217,9 @@ def optimise_delta(
         with torch.no_grad(), edit_output(mlp, lambda out: z_all.append(out[:, 0]) or out):
             hidden0 = runner.hidden()
         z = z_all[0][0].float().to(mlp_device)  # (d_out,) bare prompt, subject's last token
-        kl_ref = runner.log_probs(hidden0, kl_row, kl_col).detach()
+        kl_ref = runner.log_probs(
+            hidden0, torch.tensor([batch.n_rewrite]), torch.tensor([0])
+        ).detach()
 
         delta = torch.zeros_like(z, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -228,27 +229,13 @@ def optimise_delta(
             # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row.
             return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
 
-        steps, loss_v, nll_v, prob_v = 0, float("nan"), float("nan"), 0.0
+        steps, step_times = 0, []
         for _ in range(hp.v_num_grad_steps):
+            t_step = time.perf_counter()
             with edit_output(mlp, add_delta):
                 hidden = runner.hidden()
-            logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
-            logp_t = logp.gather(1, batch.target_ids.to(logp.device)[:, None])[:, 0]
-            nll_each = _nll_per_prompt(logp_t, batch)
-            nll = nll_each.mean()
-            kl = F.kl_div(
-                kl_ref,
-                runner.log_probs(hidden, kl_row, kl_col),
-                log_target=True,
-                reduction="batchmean",
-            )
-            decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
-            loss = nll + hp.kl_factor * kl.to(nll.device) + decay.to(nll.device)
-            loss_v, nll_v = loss.item(), nll.item()
-            prob_v = torch.exp(-nll_each).mean().item()
-            if loss_v < hp.v_stop_loss or (
-                hp.v_stop == "target" and torch.exp(-nll_each).min().item() >= hp.v_stop_prob
-            ):
+            loss, nll_each = _value_loss(runner, batch, hidden, kl_ref, delta, z, hp)
+            if _reached(loss, nll_each, hp):
                 break
             opt.zero_grad()
             loss.backward()
@@ -257,4 +244,43 @@ def optimise_delta(
             with torch.no_grad():
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
-    return ValueResult(delta.detach(), z, loss_v, nll_v, prob_v, steps, time.perf_counter() - start)
+            step_times.append(time.perf_counter() - t_step)
+    probs = torch.exp(-nll_each)
+    return ValueResult(
+        delta.detach(),
+        z,
+        loss.item(),
+        nll_each.mean().item(),
+        probs.mean().item(),
+        steps,
+        time.perf_counter() - start,
+        step_times,
+    )
+
+
+def _value_loss(
+    runner: SuffixRunner,
+    batch: Batch,
+    hidden: torch.Tensor,
+    kl_ref: torch.Tensor,
+    delta: torch.Tensor,
+    z: torch.Tensor,
+    hp: HParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, mean NLL of the target per rewriting prompt (n_rewrite,))."""
+    logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)  # (T, vocab)
+    logp_target = logp.gather(1, batch.target_ids.to(logp.device)[:, None])[:, 0]  # (T,)
+    nll_each = _nll_per_prompt(logp_target, batch)
+    kl_now = runner.log_probs(hidden, torch.tensor([batch.n_rewrite]), torch.tensor([0]))
+    kl = F.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
+    decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
+    loss = nll_each.mean() + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
+    return loss, nll_each
+
+
+def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
+    """ROME's stop (total loss below v_stop_loss); with v_stop "target", also stop once every
+    templated prompt, the bare prompt included, gives the target v_stop_prob or more."""
+    if loss.item() < hp.v_stop_loss:
+        return True
+    return hp.v_stop == "target" and torch.exp(-nll_each).min().item() >= hp.v_stop_prob

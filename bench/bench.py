@@ -1,0 +1,245 @@
+"""``make bench``: speed, memory and edit quality of R-ROME on the embedded SmolLM2-135M (CPU).
+
+    python bench/bench.py            # the full protocol (hours on a 2-core CPU)
+    python bench/bench.py --quick    # a reduced version (minutes)
+
+Prints one table and writes ``bench/results/<date>.json`` with the machine and library versions.
+Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
+statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
+independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome) and a
+sequential run (immediate and retrospective metrics, update norms, entropy, collapse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_stats import bench_stats  # noqa: E402
+
+from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
+from rrome_cli.engine.edit import edit  # noqa: E402
+from rrome_cli.engine.templates import generate_templates  # noqa: E402
+from rrome_cli.memcheck import geometry_for, measure_peak, plan  # noqa: E402
+from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
+from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
+from rrome_cli.run import RunOptions, library_versions, prepare_covariances, run_edits  # noqa: E402
+
+console = Console(stderr=True)
+QUIET = Console(stderr=True, quiet=True)
+
+
+def requests_file(source: Path, fmt: str, start: int, n: int, tmp: Path) -> Path:
+    """``n`` requests of a shared data file from record ``start``, as EasyEdit JSONL."""
+    reqs = list(
+        read_requests(source, fmt=fmt, skip_invalid=True, limit=start + n, warn=lambda m: None)
+    )
+    path = tmp / f"{source.stem}-{start}-{n}.jsonl"
+    path.write_text("".join(json.dumps(request_to_dict(r)) + "\n" for r in reqs[start:]))
+    return path
+
+
+def speed(loaded: LoadedModel, hp: HParams, requests: list[EditRequest]) -> dict[str, Any]:
+    """Per-edit time with statistics cached and templates generated once."""
+    covariances, _ = prepare_covariances(loaded, hp, RunOptions(requests=""))
+    templates = generate_templates(loaded.model, loaded.tok, hp.context_template_length_params)
+    rows = []
+    for request in requests:
+        result = edit(loaded.model, loaded.tok, request, hp, loaded.names, covariances, templates)
+        layer = result.layers[0]
+        total = sum(v for k, v in layer.seconds.items() if k != "step")
+        loop = layer.steps * layer.seconds["step"]
+        rows.append(
+            {
+                **layer.seconds,
+                "total": total,
+                "steps": layer.steps,
+                "overhead": total / loop if loop else float("nan"),
+            }
+        )
+        result.revert(loaded.model)
+    out: dict[str, Any] = {"n": len(rows)}
+    for key in ("total", "keys", "values", "solve", "apply", "step", "steps", "overhead"):
+        values = [r[key] for r in rows]
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[key] = {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
+    return out
+
+
+def memory(loaded: LoadedModel, hp: HParams, request: EditRequest) -> dict[str, Any]:
+    """Peak bytes of live tensors during one edit vs memcheck's prediction for that request."""
+    covariances, _ = prepare_covariances(loaded, hp, RunOptions(requests=""))
+    templates = generate_templates(loaded.model, loaded.tok, hp.context_template_length_params)
+    results = []
+    peak = measure_peak(
+        lambda: results.append(
+            edit(loaded.model, loaded.tok, request, hp, loaded.names, covariances, templates)
+        )
+    )
+    results[0].revert(loaded.model)
+    geometry = geometry_for(loaded.tok, request, templates)
+    predicted = plan(None, None, "cpu", None, hp, geometry=geometry).devices[0].edit
+    return {"measured_bytes": peak, "predicted_bytes": predicted, "ratio": peak / predicted}
+
+
+def quality(loaded: LoadedModel, hp: HParams, path: Path, out: Path, **opts: Any) -> dict:
+    run_dir, summary = run_edits(loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET)
+    return summary
+
+
+def config(hp: HParams, **changes: Any) -> HParams:
+    return HParams(**(hp.to_dict() | changes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced version (minutes)")
+    args = parser.parse_args()
+    n_speed, n_quality, n_seq, stats_tokens = (
+        (3, 5, 6, 5_000) if args.quick else (20, 200, 300, 20_000)
+    )
+    loaded = load_model(None)
+    hp = load_hparams(shipped_hparams("smollm2-135m"))
+    results: dict[str, Any] = {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": library_versions(),
+        "hparams": hp.to_dict(),
+    }
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        cf = SHARED / "counterfact" / "counterfact-edit.json"
+        zsre = SHARED / "zsre" / "zsre_mend_train-1k.json"
+        speed_reqs = list(read_requests(requests_file(cf, "counterfact", 1000, n_speed, tmp)))
+        console.print("speed ...")
+        results["speed"] = speed(loaded, hp, speed_reqs)
+        console.print("statistics throughput ...")
+        results["stats"] = bench_stats(loaded, hp.layers[0], stats_tokens)
+        console.print("memory ...")
+        results["memory"] = memory(loaded, hp, speed_reqs[0])
+        cf_path = requests_file(cf, "counterfact", 0, n_quality, tmp)
+        zsre_path = requests_file(zsre, "zsre", 0, n_quality, tmp)
+        variants = {
+            "r-rome + C": hp,
+            "r-rome, C=I": config(hp, mom2_adjustment=False),
+            "rome + C": config(hp, variant="rome"),
+        }
+        results["quality"] = {}
+        for name, h in variants.items():
+            for data, path in (("counterfact", cf_path), ("zsre", zsre_path)):
+                console.print(f"quality: {name} on {data} ...")
+                results["quality"][f"{name} | {data}"] = quality(
+                    loaded, h, path, tmp / f"q-{name}-{data}".replace(" ", "")
+                )
+        console.print("sequential ...")
+        seq_path = requests_file(cf, "counterfact", 0, n_seq, tmp)
+        seq_out = tmp / "seq"
+        summary = quality(
+            loaded,
+            hp,
+            seq_path,
+            seq_out,
+            sequential=True,
+            retrospective=True,
+            probe_every=max(1, n_seq // 10),
+        )
+        retro = [json.loads(x) for x in (seq_out / "retrospective.jsonl").read_text().splitlines()]
+        first = retro[: max(1, min(100, len(retro) // 3))]
+        summary["retro_rewrite_first"] = statistics.mean(r["retro"]["rewrite_acc"] for r in first)
+        summary["retro_first_n"] = len(first)
+        records = [json.loads(x) for x in (seq_out / "report.jsonl").read_text().splitlines()]
+        summary["entropy_curve"] = [
+            (r["index"], r["probe_entropy"]) for r in records if "probe_entropy" in r
+        ]
+        summary["update_ratio_curve"] = [
+            (r["index"], r["guard"].get("update_ratio")) for r in records
+        ]
+        results["sequential"] = summary
+    out = (
+        ROOT
+        / "bench"
+        / "results"
+        / f"{datetime.now():%Y-%m-%d}{'-quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    Console().print(table(results))
+    console.print(f"written {out}")
+
+
+def _m(summary: dict, phase: str, metric: str) -> str:
+    m = summary["metrics"].get(phase, {}).get(metric)
+    return f"{m['mean']:.3f} [{m['low']:.2f},{m['high']:.2f}]" if m else "-"
+
+
+def table(results: dict[str, Any]) -> Table:
+    t = Table(title=f"rrome bench ({'quick' if results['quick'] else 'full'}), SmolLM2-135M, CPU")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    s = results["speed"]
+    t.add_row(
+        "edit time, median [q1, q3] (s)",
+        f"{s['total']['median']:.2f} [{s['total']['q1']:.2f}, {s['total']['q3']:.2f}]",
+    )
+    for k in ("keys", "values", "solve", "apply", "step"):
+        t.add_row(f"  {k} (s)", f"{s[k]['median']:.3f}")
+    t.add_row("  steps taken (median)", f"{s['steps']['median']:.0f}")
+    t.add_row("  overhead ratio (edit / steps x step)", f"{s['overhead']['median']:.2f}")
+    st = results["stats"]
+    t.add_row(
+        "stats pass tokens/s (vs full forward)",
+        f"{st['stats_tokens_per_s']:.0f} ({st['speedup_vs_full_forward']:.2f}x)",
+    )
+    m = results["memory"]
+    t.add_row(
+        "edit peak / memcheck prediction (MiB)",
+        f"{m['measured_bytes'] / 2**20:.0f} / {m['predicted_bytes'] / 2**20:.0f}"
+        f" ({m['ratio']:.2f})",
+    )
+    for name, summary in results["quality"].items():
+        for metric in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns"):
+            t.add_row(
+                f"{name}: {metric} post (pre {_m(summary, 'pre', metric)})",
+                _m(summary, "post", metric),
+            )
+        t.add_row(f"{name}: S post", f"{summary['score'].get('post') or float('nan'):.3f}")
+    q = results["sequential"]
+    for metric in ("rewrite_acc", "rephrase_acc", "locality"):
+        t.add_row(f"sequential {q['n_records']}: {metric} immediate", _m(q, "post", metric))
+    t.add_row(
+        f"sequential: retrospective rewrite, first {q['retro_first_n']}",
+        f"{q['retro_rewrite_first']:.3f}",
+    )
+    curve = q["entropy_curve"]
+    t.add_row(
+        "sequential: probe entropy base -> last",
+        f"{q['baseline_entropy']:.3f} -> {curve[-1][1]:.3f}" if curve else "-",
+    )
+    t.add_row("sequential: collapsed", str(q.get("collapsed")))
+    return t
+
+
+if __name__ == "__main__":
+    main()

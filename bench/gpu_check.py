@@ -1,0 +1,170 @@
+"""Check ``rrome memcheck``'s prediction against torch's measured peak on a GPU.
+
+For Llama-2-7B and Mistral-7B architectures (shipped configs, random bf16 weights, a tiny local
+tokenizer: no download), on one GPU:
+  1. one edit with everything on the GPU: predicted weights + working set vs
+     ``torch.cuda.max_memory_allocated`` over building the Cholesky factor and the edit;
+  2. the same edit with the layers split between the GPU and the CPU (accelerate offload, the
+     device map memcheck plans), checked to give the same update as run 1.
+Prints one table. ``--dry-run`` does the same on the CPU with tiny-llama (disk offload for the
+split), to check the script without a GPU.
+
+    python bench/gpu_check.py                  # on a GPU machine (about 3 minutes on an H100)
+    python bench/gpu_check.py --dry-run        # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from accelerate import dispatch_model
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
+
+from rrome_cli.config import load_hparams, shipped_hparams
+from rrome_cli.engine.edit import edit
+from rrome_cli.engine.templates import generate_templates
+from rrome_cli.engine.update import KeyCovariance
+from rrome_cli.memcheck import GiB, geometry_for, live_tensor_bytes, plan
+from rrome_cli.models.families import module_names, weight_as_out_in
+from rrome_cli.models.loading import load_config
+from rrome_cli.models.tiny import tiny_model, tiny_tokenizer
+from rrome_cli.requests import EditRequest
+
+REQUEST = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux",
+                      target_new="English")
+
+
+def build(alias: str, device: torch.device, dtype: torch.dtype):  # noqa: ANN201
+    """Random weights in ``dtype`` on ``device`` and a tokenizer whose ids fit the vocabulary."""
+    if alias.startswith("tiny-"):
+        model, tok = tiny_model(alias[5:], dtype=dtype)
+        return model.to(device), tok
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(load_config(alias), dtype=dtype)
+    return model.eval(), tiny_tokenizer("sp")
+
+
+def random_second_moment(d_in: int, device: torch.device) -> torch.Tensor:
+    """C = K^T K / n of random keys: positive definite, fp32 on the CPU like a cached C."""
+    gen = torch.Generator(device).manual_seed(0)
+    keys = torch.randn(2 * d_in, d_in, generator=gen, device=device)
+    return (keys.T @ keys / keys.shape[0]).cpu()
+
+
+def resident(model: torch.nn.Module, device: torch.device) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
+
+
+def peak_total(fn, device: torch.device, model: torch.nn.Module) -> int:  # noqa: ANN001
+    """Peak bytes on ``device`` while ``fn`` runs, weights included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    before = resident(model, device)
+    with live_tensor_bytes() as tracker:
+        fn()
+    return before + tracker.peak
+
+
+def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> list[list[str]]:
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    hp = load_hparams(shipped_hparams(alias if not alias.startswith("tiny-") else "tiny-llama"))
+    hp.v_num_grad_steps = 5
+    layer = hp.layers[0]
+    model, tok = build(alias, device, dtype)
+    names = module_names(type(model).__name__, hp.module_overrides())
+    templates = generate_templates(model, tok, hp.context_template_length_params)
+    geometry = geometry_for(tok, REQUEST, templates)
+    d_in = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[1]
+    mom2 = random_second_moment(d_in, device) if hp.mom2_adjustment else None
+    key = 0 if device.type == "cuda" else "cpu"
+    size = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else 64 * GiB)
+    rows = []
+
+    def one_edit(net: torch.nn.Module) -> tuple[int, float, torch.Tensor]:
+        out: dict[str, object] = {}
+
+        def work() -> None:
+            cov = {layer: KeyCovariance(mom2, hp.mom2_ridge, device)} if mom2 is not None else None
+            out["result"] = edit(net, tok, REQUEST, hp, names, cov, templates)
+
+        start = time.perf_counter()
+        peak = peak_total(work, device, net)
+        right = out["result"].layers[0].patch.right  # type: ignore[attr-defined]
+        return peak, time.perf_counter() - start, right
+
+    # 1. everything on one device
+    single = plan(alias, dtype_name, str(device), {key: size}, hp, geometry=geometry)
+    measured, seconds, right = one_edit(model)
+    predicted = single.predicted_allocated[single.edit_device]
+    rows.append([alias, "one device", _g(predicted), _g(measured),
+                 f"{predicted / measured - 1:+.1%}", f"{seconds:.1f}", "-"])
+
+    # 2. layers split between the device and an offload target (CPU on a GPU; disk on a CPU)
+    weights = single.devices[0].weights
+    del model  # the split run measures its own weights only
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    spill = "cpu" if device.type == "cuda" else "disk"
+    limits = {key: int(weights * 0.6) + single.devices[0].edit, spill: 512 * GiB}
+    split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry)
+    if split.problems:
+        console.print(f"[red]{alias}: split plan cannot run: {split.problems}[/red]")
+        return rows
+    fresh, _ = build(alias, device, dtype)
+    for name, where in split.device_map.items():
+        if where == "cpu" and name:
+            fresh.get_submodule(name).to("cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        fresh = dispatch_model(fresh, split.device_map, main_device=key, offload_dir=folder)
+        measured, seconds, right_split = one_edit(fresh)
+    predicted = split.predicted_allocated[split.edit_device]
+    same = torch.allclose(right_split.float().cpu(), right.float().cpu(), rtol=2e-2, atol=1e-3)
+    offloaded = sum(1 for v in split.device_map.values() if v == spill)
+    rows.append([alias, f"split ({offloaded} modules on {spill})", _g(predicted), _g(measured),
+                 f"{predicted / measured - 1:+.1%}", f"{seconds:.1f}", "yes" if same else "NO"])
+    del fresh
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _g(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny-llama on the CPU")
+    parser.add_argument("--models", default="llama2-7b,mistral-7b")
+    args = parser.parse_args()
+    console = Console()
+    if args.dry_run:
+        device, models, dtype = torch.device("cpu"), ["tiny-llama"], "fp32"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU: run with --dry-run")
+        device, models, dtype = torch.device("cuda:0"), args.models.split(","), "bf16"
+    table = Table(title=f"memcheck vs measured peak on {device} ({dtype}, MiB, weights included)")
+    for column in ("model", "placement", "predicted", "measured", "error", "seconds",
+                   "same update"):
+        table.add_column(column)
+    for alias in models:
+        for row in run(alias, device, dtype, console):
+            table.add_row(*row)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
