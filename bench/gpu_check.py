@@ -117,11 +117,20 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     spill = "cpu" if device.type == "cuda" else "disk"
-    limits = {key: int(weights * 0.6) + single.devices[0].edit, spill: 512 * GiB}
-    split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry)
-    if split.problems:
-        console.print(f"[red]{alias}: split plan cannot run: {split.problems}[/red]")
+    for share in (0.5, 0.6, 0.7, 0.8, 0.9):  # the least room that keeps layer l on the device
+        limits = {key: int(weights * share), spill: 512 * GiB}
+        split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry)
+        if not split.problems:
+            break
+    else:
+        console.print(f"[red]{alias}: no split keeps layer {layer} on {device}[/red]")
         return rows
+    # Only decoder layers go off the device: the engine reads the embeddings' and the head's
+    # device from their weights, which offloading leaves on the meta device.
+    blocks = names.layer_module_tmp.split("{}")[0]
+    chosen = {n: (w if n.startswith(blocks) else key) for n, w in split.device_map.items()}
+    split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry,
+                 device_map=chosen)
     fresh, _ = build(alias, device, dtype)
     for name, where in split.device_map.items():
         if where == "cpu" and name:
@@ -141,7 +150,7 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
 
 
 def _g(n: int) -> str:
-    return f"{n / GiB:.2f}"
+    return f"{n / 2**20:,.1f}"
 
 
 def main() -> None:

@@ -211,7 +211,7 @@ def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.
 
     def fake(model, tok, names, layer, prompts, target, subject, hp) -> ValueResult:  # noqa: ANN001
         delta = delta_for(layer)
-        return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0)
+        return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
     monkeypatch.setattr(edit_module, "optimise_delta", fake)
 

@@ -39,7 +39,7 @@ from rrome_cli.evaluate.tokens import encode_pair, special_prefix
 from rrome_cli.models.tiny import tiny_tokenizer
 from rrome_cli.requests import EditRequest
 
-COUNTERFACT = Path("/work/shared/data/counterfact/counterfact-edit.json")
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-edit.json"
 
 
 class TableLM(nn.Module):

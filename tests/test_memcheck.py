@@ -261,9 +261,20 @@ def test_an_edit_across_cpu_and_disk_offload_equals_the_single_device_edit() -> 
         hybrid = dispatch_model(hybrid, device_map=device_map, main_device="cpu",
                                 offload_dir=folder)
         assert hybrid.model.layers[2].mlp.down_proj.weight.device.type == "meta"
-        result = edit(hybrid, tok, REQUEST, TINY_HPARAMS, names, None, templates)
+        runs: list = []
+        measured = measure_peak(
+            lambda: runs.append(edit(hybrid, tok, REQUEST, TINY_HPARAMS, names, None, templates)))
         edited = hybrid.model.layers[1].mlp.down_proj.weight.detach().clone()
+    (result,) = runs
     assert result.status == "applied"
+    # Offloaded layers above the edited one stream their weights in, and autograd keeps them.
+    geometry = geometry_for(tok, REQUEST, templates)
+    planned = plan("tiny-llama", "fp32", "cpu", {"cpu": 10**9, "disk": 10**9}, TINY_HPARAMS,
+                   geometry=geometry, device_map=device_map)
+    (cpu,) = [d for d in planned.devices if d.device == "cpu"]
+    assert cpu.edit == pytest.approx(measured, rel=0.15)
+    assert cpu.edit > edit_working_set(model.config, torch.float32, TINY_HPARAMS, geometry,
+                                       names)["in_edit"] + 2 * param_bytes(hybrid.model.layers[2])
     ours, theirs = result.layers[0].patch, reference.layers[0].patch
     torch.testing.assert_close(ours.left, theirs.left)
     torch.testing.assert_close(ours.right, theirs.right)

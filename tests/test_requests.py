@@ -19,7 +19,7 @@ from rrome_cli.requests import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COUNTERFACT = SHARED / "counterfact" / "counterfact-edit.json"
 ZSRE = SHARED / "zsre" / "zsre_mend_train-1k.json"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data not on this machine")

@@ -250,8 +250,8 @@ def edit_cmd(
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
             )
-        check_memory(model, dtype, devices, max_memory, hp, force)
-        loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory))
+        device_map = check_memory(model, dtype, devices, max_memory, hp, force)
+        loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
         if summary.get("failed_internal"):
@@ -275,19 +275,19 @@ def check_memory(
     max_memory: str | None,
     hp: HParams,
     force: bool,
-) -> None:
-    """Refuse a plan that memcheck says cannot fit, unless --force."""
+) -> dict[str, int | str] | None:
+    """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map."""
     from rrome_cli.memcheck import plan, render
 
     if model and model.startswith("tiny-"):
-        return
+        return None
     memory_plan = plan(model, dtype, devices, parse_memory(max_memory), hp)
     if memory_plan.fits:
-        return
+        return memory_plan.device_map
     render(memory_plan, console)
     if force:
         console.print("[yellow]--force: editing although the plan does not fit")
-        return
+        return memory_plan.device_map
     console.print("[red]the plan does not fit; see above, or pass --force")
     raise typer.Exit(3)
 

@@ -6,19 +6,24 @@ Everything is computed from the model's configuration: the model is built on the
 - Weights: placed by the accelerate device map an edit would use (``device_map``): one device
   holds everything; several devices get a balanced ``infer_auto_device_map``.
 - The value step (optimising delta, the largest part of an edit) is *traced*: the engine's own
-  ``SuffixRunner`` and one optimisation step run on meta tensors at the planned batch geometry,
-  and a dispatch mode counts the bytes of every tensor alive at each moment. Three shallow
+  ``SuffixRunner`` and two optimisation steps run on meta tensors at the planned batch
+  geometry, and a dispatch mode counts the bytes of every tensor alive at each moment
+  (attention as a fused kernel keeps it: q, k, v, output, log-sum-exp). Three shallow
   copies of the model (edit layer plus 0-1 layers below and 1-2 above) give, per phase, the
   bytes of the fixed part and of each layer below / above the edited one; the real depth and
   the device of every layer then give the peak per device. Like the engine, the trace computes
   logits only where the loss reads them (one row per target token and the KL row); the bytes
   that full logits (batch x tokens x vocab) would take are reported beside it, not counted.
+- Offloaded layers (accelerate "cpu" under a GPU map, "disk") run on the main device: their
+  activations count there, and so do the streamed-in weights of every offloaded layer above
+  the edited one, which autograd keeps until backward (offloading upper layers does not
+  lower the peak). An edited layer that would be offloaded is reported as a problem.
 - The rest is closed-form (fp32 unless said): the key second moment C (d_in^2, on the CPU) and
   its Cholesky factor (d_in^2, on W's device, one per edited layer), the factorisation peak
   (C copy, identity, C + lambda I, factor), the rank-one update (outer product, old W kept for
   revert, W in fp32), the key pass, and the statistics pass (float64 sum, keys of one batch,
-  one layer's forward including heads x max_len^2 attention scores: an upper bound, since
-  fused attention kernels never materialise them).
+  one layer's forward; heads x max_len^2 attention scores only under eager attention, since
+  SDPA's fused kernels never materialise them).
 
 ``measure_peak`` measures what the model predicts: the peak bytes of live tensors while a
 function runs (torch's own accounting, not the process RSS).
@@ -200,7 +205,8 @@ def parse_max_memory(spec: str) -> dict[int | str, int]:
             bytes_ = convert_file_size_to_int(size.strip())
         except ValueError:
             raise MemcheckError(
-                f"--max-memory: {size.strip()!r} is not a size (e.g. 24GiB)") from None
+                f"--max-memory: {size.strip()!r} is not a size (e.g. 24GiB)"
+            ) from None
         limits[int(name) if name.isdigit() else name] = bytes_
     return limits
 
@@ -283,11 +289,14 @@ def device_map(
     limits = {k: max_memory[k] for k in targets}
     with _quiet_accelerate():
         if sum(isinstance(k, int) for k in targets) > 1:
-            limits = get_balanced_memory(model, limits, no_split_module_classes=no_split,
-                                         dtype=dtype)
-        return dict(infer_auto_device_map(
-            model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype
-        ))
+            limits = get_balanced_memory(
+                model, limits, no_split_module_classes=no_split, dtype=dtype
+            )
+        return dict(
+            infer_auto_device_map(
+                model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype
+            )
+        )
 
 
 def placement(name: str, dmap: dict[str, int | str]) -> int | str:
@@ -338,19 +347,25 @@ def estimate_geometry(hparams: HParams, n_templates: int | None = None) -> Geome
     prefix = 1 + longest + PROMPT_TO_SUBJECT - 1
     suffix = 1 + PROMPT_AFTER_SUBJECT + TARGET_TOKENS - 1
     return Geometry(
-        rows=templates + 1, prefix=prefix, suffix=suffix, targets=templates * TARGET_TOKENS,
+        rows=templates + 1,
+        prefix=prefix,
+        suffix=suffix,
+        targets=templates * TARGET_TOKENS,
         key_tokens=prefix + 1 + PROMPT_AFTER_SUBJECT,
     )
 
 
-def geometry_for(tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
-                 ) -> Geometry:
+def geometry_for(
+    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
+) -> Geometry:
     """The exact geometry of ``request`` with ``templates``, as the engine batches it."""
     prompts = [templated(tok, request, t) for t in templates]
     batch = build_batch(tok, prompts, request.target_new, request.subject, torch.device("cpu"))
     return Geometry(
-        rows=batch.prefix_ids.shape[0], prefix=batch.prefix_ids.shape[1],
-        suffix=batch.suffix_ids.shape[1], targets=batch.target_ids.shape[0],
+        rows=batch.prefix_ids.shape[0],
+        prefix=batch.prefix_ids.shape[1],
+        suffix=batch.suffix_ids.shape[1],
+        targets=batch.target_ids.shape[0],
         key_tokens=max(len(p.tokens.ids) for p in prompts),
     )
 
@@ -364,9 +379,15 @@ def _meta_batch(geo: Geometry) -> Batch:
 
     positions = torch.arange(geo.prefix, geo.prefix + geo.suffix, device="meta")
     return Batch(
-        ids(geo.rows, geo.prefix), ones(geo.rows, geo.prefix), ids(geo.rows, geo.suffix),
-        ones(geo.rows, geo.suffix), positions.expand(geo.rows, -1).clone(), ids(geo.targets),
-        ids(geo.targets), ids(geo.targets), geo.rows - 1,
+        ids(geo.rows, geo.prefix),
+        ones(geo.rows, geo.prefix),
+        ids(geo.rows, geo.suffix),
+        ones(geo.rows, geo.suffix),
+        positions.expand(geo.rows, -1).clone(),
+        ids(geo.targets),
+        ids(geo.targets),
+        ids(geo.targets),
+        geo.rows - 1,
     )
 
 
@@ -374,24 +395,39 @@ _SDPA = F.scaled_dot_product_attention
 
 
 def _fused_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-    scale: float | None = None, enable_gqa: bool = False,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """SDPA as a fused kernel runs it (CPU flash, CUDA flash / memory-efficient): it keeps q, k,
     v, the output and a log-sum-exp for backward, never the scores. On meta tensors torch
     would take the math path instead, which upcasts and keeps heads x queries x keys scores."""
     if query.device.type != "meta":
-        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _SDPA(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
     if enable_gqa and key.shape[1] != query.shape[1]:
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(
-            attn_mask.logical_not(), float("-inf"))
+            attn_mask.logical_not(), float("-inf")
+        )
     out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )
     return out
 
 
@@ -442,8 +478,12 @@ def trace_value_step(
             tracker.set_phase("head")
             logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
             nll = -logp.gather(1, batch.target_ids[:, None]).mean()
-            kl = F.kl_div(kl_ref, runner.log_probs(hidden, kl_row, kl_col), log_target=True,
-                          reduction="batchmean")
+            kl = F.kl_div(
+                kl_ref,
+                runner.log_probs(hidden, kl_row, kl_col),
+                log_target=True,
+                reduction="batchmean",
+            )
             loss = nll + kl + delta.norm() / z.norm() ** 2
             tracker.set_phase("backward")
             opt.zero_grad()
@@ -477,6 +517,7 @@ def value_step_costs(
     """Per-phase costs from traces of three shallow models (edit layer 0 or 1, 1-2 above)."""
     key = (config.to_json_string(use_diff=False), str(dtype), repr(names), geo)
     if key not in _TRACE_CACHE:
+
         def peaks(below: int, above: int) -> dict[str, int]:
             model = meta_model(config, dtype, below + 1 + above)
             return trace_value_step(model, names, below, geo)
@@ -550,22 +591,38 @@ class MemoryPlan:
             tight = min(self.devices, key=lambda d: d.headroom)
             return f"fits: {gib(tight.headroom)} GiB headroom on {tight.device} (the tightest)"
         worst = min(self.devices, key=lambda d: d.headroom)
-        return (f"does not fit: {worst.device} needs {gib(worst.total)} GiB of "
-                f"{gib(worst.capacity)} GiB")
+        return (
+            f"does not fit: {worst.device} needs {gib(worst.total)} GiB of "
+            f"{gib(worst.capacity)} GiB"
+        )
 
     def to_json(self) -> str:
         devices = [
-            {**asdict(d), "total": d.total, "headroom": d.headroom, "fits": d.fits,
-             "total_gib": gib(d.total), "capacity_gib": gib(d.capacity)}
+            {
+                **asdict(d),
+                "total": d.total,
+                "headroom": d.headroom,
+                "fits": d.fits,
+                "total_gib": gib(d.total),
+                "capacity_gib": gib(d.capacity),
+            }
             for d in self.devices
         ]
         data: dict[str, Any] = {
-            "model": self.model, "dtype": self.dtype, "layers": self.layers,
-            "fits": self.fits, "verdict": self.verdict(), "fix": self.fix,
-            "edit_device": self.edit_device, "device_map": self.device_map,
+            "model": self.model,
+            "dtype": self.dtype,
+            "layers": self.layers,
+            "fits": self.fits,
+            "verdict": self.verdict(),
+            "fix": self.fix,
+            "edit_device": self.edit_device,
+            "device_map": self.device_map,
             "geometry": asdict(self.geometry),
-            "batch_tokens": self.batch_tokens, "max_len": self.max_len,
-            "devices": devices, "components": self.components, "notes": self.notes,
+            "batch_tokens": self.batch_tokens,
+            "max_len": self.max_len,
+            "devices": devices,
+            "components": self.components,
+            "notes": self.notes,
             "problems": self.problems,
         }
         return json.dumps(data, indent=2)
@@ -581,25 +638,40 @@ def _dims(model: PreTrainedModel, names: ModuleNames, layer: int) -> tuple[int, 
     return w.shape[1], w.shape[0], w.element_size()
 
 
-def _stats_peak(config: PretrainedConfig, d_in: int, d_out: int, size: int,
-                batch_tokens: int, max_len: int) -> int:
-    """The statistics pass (engine/stats.py) on W's device: float64 sum of k k^T, one batch's
-    forward at the edited layer, and its keys in the model dtype, masked, and in float64."""
+def _stats_peak(
+    config: PretrainedConfig, d_in: int, d_out: int, size: int, batch_tokens: int, max_len: int
+) -> tuple[int, int]:
+    """The statistics pass (engine/stats.py) on W's device, and its eager attention scores.
+
+    Peak: the float64 sum of k k^T plus the larger of one batch's forward at the edited layer
+    (residual and normed hidden states; q, k, v and output; three d_in-wide MLP tensors at a
+    time) and its keys (captured, masked copy, float64). Attention scores (heads x max_len^2
+    per row, in the dtype and as fp32 softmax) count only under eager attention: SDPA's fused
+    kernels never materialise them.
+    """
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or d_out // heads
-    seqs = max(1, batch_tokens // max_len)
+    rows = max(1, batch_tokens // max_len)
     mom2_sum = d_in * d_in * 8
     attention = batch_tokens * (2 * heads + 2 * kv_heads) * head_dim * size
-    scores = seqs * heads * max_len * max_len * (4 + size)  # eager bound: scores + fp32 softmax
-    forward = batch_tokens * (3 * d_out + 4 * d_in) * size + attention + scores
+    scores = rows * heads * max_len * max_len * (4 + size)
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    forward = batch_tokens * (2 * d_out + 3 * d_in) * size + attention + (scores if eager else 0)
     keys = batch_tokens * d_in * (2 * size + 8)
-    return mom2_sum + max(forward, keys, mom2_sum)  # the last: sum / T before moving to the CPU
+    # The last term: sum / T in float64 before it moves to the CPU.
+    return mom2_sum + max(forward, keys, mom2_sum), scores
 
 
 def _layer_costs(
-    config: PretrainedConfig, model: PreTrainedModel, names: ModuleNames, layer: int,
-    geo: Geometry, hparams: HParams, dmap: dict[str, int | str], n_layers: int,
+    config: PretrainedConfig,
+    model: PreTrainedModel,
+    names: ModuleNames,
+    layer: int,
+    geo: Geometry,
+    hparams: HParams,
+    dmap: dict[str, int | str],
+    n_layers: int,
 ) -> tuple[dict[int | str, int], dict[str, int]]:
     """Edit working set per target for one edited layer, and the components on its device."""
     d_in, d_out, size = _dims(model, names, layer)
@@ -675,7 +747,10 @@ def _module_bytes(model: PreTrainedModel, prefix: str) -> int:
 
 
 def edit_working_set(
-    config: PretrainedConfig, dtype: torch.dtype, hparams: HParams, geometry: Geometry,
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    hparams: HParams,
+    geometry: Geometry,
     names: ModuleNames | None = None,
 ) -> dict[str, int]:
     """The parts of one edit at ``hparams.layers[0]`` with everything on one device, in bytes.
@@ -687,8 +762,9 @@ def edit_working_set(
     if names is None:
         arch = (config.architectures or [type(meta).__name__])[0]
         names = module_names(arch, hparams.module_overrides())
-    _, components = _layer_costs(config, meta, names, hparams.layers[0], geometry, hparams,
-                                 {"": "cpu"}, num_layers(config))
+    _, components = _layer_costs(
+        config, meta, names, hparams.layers[0], geometry, hparams, {"": "cpu"}, num_layers(config)
+    )
     return components
 
 
@@ -697,8 +773,9 @@ def _head_name(model: PreTrainedModel) -> str:
     return next(name for name, module in model.named_modules() if module is head)
 
 
-def _targets(devices: list[torch.device], max_memory: dict[int | str, int] | None
-             ) -> list[int | str]:
+def _targets(
+    devices: list[torch.device], max_memory: dict[int | str, int] | None
+) -> list[int | str]:
     keys = [_key(d) for d in devices]
     for extra in ("cpu", "disk"):
         if max_memory and extra in max_memory and extra not in keys:
@@ -740,14 +817,21 @@ def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
     return _Model(model or DEFAULT_MODEL, config, meta, names, n_layers)
 
 
-
 def _plan(
-    m: _Model, devices: list[torch.device], max_memory: dict[int | str, int],
-    hparams: HParams, geo: Geometry, batch_tokens: int, max_len: int,
+    m: _Model,
+    devices: list[torch.device],
+    max_memory: dict[int | str, int],
+    hparams: HParams,
+    geo: Geometry,
+    batch_tokens: int,
+    max_len: int,
+    given_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
     targets = _targets(devices, max_memory)
+    if given_map:
+        targets += [k for k in dict.fromkeys(given_map.values()) if k not in targets]
     limits = {k: capacity(k, max_memory) for k in targets}
-    dmap = device_map(m.meta, targets, limits)
+    dmap = dict(given_map) if given_map else device_map(m.meta, targets, limits)
     weights = weights_per_device(m.meta, dmap)
     edit: dict[int | str, int] = {}
     stats: dict[int | str, int] = {}
@@ -762,9 +846,11 @@ def _plan(
             problems.append(
                 f"layer {layer}'s W would be offloaded to {placed} (accelerate keeps offloaded "
                 "weights on the meta device), so the edit could not write it: give the "
-                "device it runs on room for it")
-        per_target, parts = _layer_costs(m.config, m.meta, m.names, layer, geo, hparams, dmap,
-                                         m.n_layers)
+                "device it runs on room for it"
+            )
+        per_target, parts = _layer_costs(
+            m.config, m.meta, m.names, layer, geo, hparams, dmap, m.n_layers
+        )
         where = run_on(placed)
         edited.setdefault(where, []).append(layer)
         per_target[where] += originals
@@ -772,19 +858,24 @@ def _plan(
         originals += d_in * d_out * size
         for k, v in per_target.items():
             edit[k] = max(edit.get(k, 0), v)
+        peak, scores = _stats_peak(m.config, d_in, d_out, size, batch_tokens, max_len)
         if hparams.mom2_adjustment:
-            peak = _stats_peak(m.config, d_in, d_out, size, batch_tokens, max_len)
             stats[where] = max(stats.get(where, 0), peak)
+        parts["stats_attention_scores_eager"] = scores
         if parts["in_edit"] >= components.get("in_edit", -1):
-            components = parts
+            components = parts  # the layer with the largest edit is the one shown
     for where, layers in edited.items():
         # Every edited layer's Cholesky factor is built before the edit and kept through it.
         edit[where] += (len(layers) - 1) * components["cholesky_factor"]
     plans = [
         DevicePlan(
-            device=_label(k), weights=weights.get(k, 0), edit=edit.get(k, 0),
-            stats=stats.get(k, 0), reserve=CUDA_RESERVE if isinstance(k, int) else 0,
-            capacity=limits.get(k, 0), edited_layers=edited.get(k, []),
+            device=_label(k),
+            weights=weights.get(k, 0),
+            edit=edit.get(k, 0),
+            stats=stats.get(k, 0),
+            reserve=CUDA_RESERVE if isinstance(k, int) else 0,
+            capacity=limits.get(k, 0),
+            edited_layers=edited.get(k, []),
         )
         for k in [*targets, *(k for k in weights if k not in targets)]
         if k in weights or k in edit
@@ -792,18 +883,28 @@ def _plan(
     notes = [
         "logits are computed only at the target tokens and the KL position, as the engine "
         f"does; logits over every token would add {gib(components['logits_if_full'])} GiB",
-        "the statistics pass (rrome stats) runs once per layer and is cached; its attention "
-        "term assumes eager attention (heads x max_len^2 per row), an upper bound",
+        "the statistics pass (rrome stats) runs once per layer and is cached; attention "
+        "scores (heads x max_len^2 per row) count only under eager attention, where they "
+        f"would add {gib(components.get('stats_attention_scores_eager', 0))} GiB",
     ]
     if any(k not in targets for k in weights):
-        notes.append("the weights do not fit on the devices given: accelerate would put the "
-                     "rest on disk, which was not allowed (add disk=SIZE to --max-memory)")
+        notes.append(
+            "the weights do not fit on the devices given: accelerate would put the "
+            "rest on disk, which was not allowed (add disk=SIZE to --max-memory)"
+        )
     return MemoryPlan(
-        model=m.name, dtype=DTYPE_NAMES.get(next(m.meta.parameters()).dtype, "?"),
-        layers=list(hparams.layers), geometry=geo, devices=plans, components=components,
+        model=m.name,
+        dtype=DTYPE_NAMES.get(next(m.meta.parameters()).dtype, "?"),
+        layers=list(hparams.layers),
+        geometry=geo,
+        devices=plans,
+        components=components,
         edit_device=_label(run_on(placement(m.names.rewrite(hparams.layers[0]), dmap))),
         device_map=dmap,
-        batch_tokens=batch_tokens, max_len=max_len, notes=notes, problems=problems,
+        batch_tokens=batch_tokens,
+        max_len=max_len,
+        notes=notes,
+        problems=problems,
     )
 
 
@@ -818,6 +919,7 @@ def plan(
     n_templates: int | None = None,
     *,
     geometry: Geometry | None = None,
+    device_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
     """Memory per device for editing ``model`` with ``hparams``, and the cheapest fix if it
     does not fit: bf16 instead of fp32, another device, fewer templates, smaller statistics
@@ -828,10 +930,13 @@ def plan(
     else the first GPU, else the CPU. ``max_memory``: accelerate's per-device limits, which
     also stand for the size of GPUs this machine does not have; "cpu"/"disk" allow offload.
     ``geometry``: the request's exact batch shapes (``geometry_for``) instead of a typical
-    request's (``estimate_geometry`` with ``n_templates``).
+    request's (``estimate_geometry`` with ``n_templates``). ``device_map``: evaluate this
+    accelerate map instead of the one rrome would infer (its targets need sizes too).
     """
-    limits = {k: convert_file_size_to_int(v) if isinstance(v, str) else int(v)
-              for k, v in (max_memory or {}).items()}
+    limits = {
+        k: convert_file_size_to_int(v) if isinstance(v, str) else int(v)
+        for k, v in (max_memory or {}).items()
+    }
     targets = _devices(devices, limits)
     config = load_config(model)
     try:
@@ -840,10 +945,11 @@ def plan(
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
     geo = geometry or estimate_geometry(hparams, n_templates)
     built = _model(model, torch_dtype, hparams)
-    result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len)
+    result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:
-        result.fix = _cheapest_fix(result, built, model, targets, limits, hparams, geo,
-                                   batch_tokens, max_len)
+        result.fix = _cheapest_fix(
+            result, built, model, targets, limits, hparams, geo, batch_tokens, max_len
+        )
     return result
 
 
@@ -851,16 +957,28 @@ def plan(
 
 
 def _cheapest_fix(
-    failed: MemoryPlan, built: _Model, model: str | None, devices: list[torch.device],
-    limits: dict[int | str, int], hparams: HParams, geo: Geometry, batch_tokens: int,
+    failed: MemoryPlan,
+    built: _Model,
+    model: str | None,
+    devices: list[torch.device],
+    limits: dict[int | str, int],
+    hparams: HParams,
+    geo: Geometry,
+    batch_tokens: int,
     max_len: int,
 ) -> str:
     """The first change, in order of cost to the user, under which the plan fits."""
 
     def attempt(**changes: Any) -> MemoryPlan | None:
-        args: dict[str, Any] = dict(m=built, devices=devices, max_memory=limits,
-                                    hparams=hparams, geo=geo, batch_tokens=batch_tokens,
-                                    max_len=max_len)
+        args: dict[str, Any] = dict(
+            m=built,
+            devices=devices,
+            max_memory=limits,
+            hparams=hparams,
+            geo=geo,
+            batch_tokens=batch_tokens,
+            max_len=max_len,
+        )
         args.update(changes)
         try:
             candidate = _plan(**args)
@@ -882,13 +1000,15 @@ def _cheapest_fix(
         more = [*devices, torch.device(f"cuda:{index}")]
         if (p := attempt(devices=more, max_memory={**limits, index: size})) is not None:
             listed = ",".join(str(d.index or 0) for d in more)
-            return (f"add a GPU of {gib(size)} GiB: --devices {listed} (then {summary(p)})")
+            return f"add a GPU of {gib(size)} GiB: --devices {listed} (then {summary(p)})"
     templates = geo.templates
     while templates > 1:
         templates = max(1, templates // 2)
         if (p := attempt(geo=estimate_geometry(hparams, templates))) is not None:
-            return (f"use fewer context templates: {templates} instead of {geo.templates} "
-                    f"(shorter context_template_length_params; then {summary(p)})")
+            return (
+                f"use fewer context templates: {templates} instead of {geo.templates} "
+                f"(shorter context_template_length_params; then {summary(p)})"
+            )
     tokens = batch_tokens
     while tokens // 2 >= max_len:
         tokens //= 2
@@ -896,8 +1016,10 @@ def _cheapest_fix(
             return f"compute the statistics with --batch-tokens {tokens} (then {summary(p)})"
     if gpus and "cpu" not in limits:
         need = failed.components.get("in_edit", 0) + failed.components.get("cholesky_factor", 0)
-        shrunk = {k: max(0, v - need - CUDA_RESERVE) if isinstance(k, int) else v
-                  for k, v in ((_key(d), capacity(_key(d), limits)) for d in gpus)}
+        shrunk = {
+            k: max(0, v - need - CUDA_RESERVE) if isinstance(k, int) else v
+            for k, v in ((_key(d), capacity(_key(d), limits)) for d in gpus)
+        }
         offload = {**limits, **shrunk, "cpu": _ram()}
         if (p := attempt(max_memory=offload)) is not None:
             spec = ",".join(f"{k}={gib(v)}GiB" for k, v in offload.items() if k != "disk")
@@ -911,15 +1033,29 @@ def _cheapest_fix(
 def render(plan: MemoryPlan, console: Console) -> None:
     """A table of the devices, the edit's working set on the edited layer's device, the verdict."""
     table = Table(title=f"rrome memcheck: {plan.model} ({plan.dtype}), layers {plan.layers}")
-    for column in ("device", "weights", "edit working set", "stats pass peak", "reserve",
-                   "total", "capacity", "headroom"):
+    for column in (
+        "device",
+        "weights",
+        "edit working set",
+        "stats pass peak",
+        "reserve",
+        "total",
+        "capacity",
+        "headroom",
+    ):
         table.add_column(column, justify="left" if column == "device" else "right")
     for d in plan.devices:
         layers = f" (edits {', '.join(map(str, d.edited_layers))})" if d.edited_layers else ""
         colour = "green" if d.fits else "red"
         table.add_row(
-            d.device + layers, _g(d.weights), _g(d.edit), _g(d.stats), _g(d.reserve),
-            _g(d.total), _g(d.capacity), f"[{colour}]{_g(d.headroom)}[/{colour}]",
+            d.device + layers,
+            _g(d.weights),
+            _g(d.edit),
+            _g(d.stats),
+            _g(d.reserve),
+            _g(d.total),
+            _g(d.capacity),
+            f"[{colour}]{_g(d.headroom)}[/{colour}]",
         )
     console.print(table)
     parts = Table(title=f"edit working set on {plan.edit_device} (GiB)", show_header=False)
@@ -930,11 +1066,15 @@ def render(plan: MemoryPlan, console: Console) -> None:
         ("key covariance C (fp32, in RAM)", c["key_covariance_C"]),
         ("Cholesky factor of C + lambda I (fp32)", c["cholesky_factor"]),
         ("factorisation peak (C copy, I, C + lambda I, factor)", c["factorisation_peak"]),
-        (f"value step, traced ({geo.rows} prompts x {geo.prefix}+{geo.suffix} tokens)",
-         c["value_step"]),
+        (
+            f"value step, traced ({geo.rows} prompts x {geo.prefix}+{geo.suffix} tokens)",
+            c["value_step"],
+        ),
         ("  of which activations kept for backprop and KV cache", c["value_activations"]),
-        (f"  of which logits + log-softmax at {geo.targets + 1} rows (fp32)",
-         c["logits_target_rows"]),
+        (
+            f"  of which logits + log-softmax at {geo.targets + 1} rows (fp32)",
+            c["logits_target_rows"],
+        ),
         ("  of which KL reference + Adam state", c["kl_reference"] + c["adam_delta"]),
         ("  (full logits, not computed by the engine)", c["logits_if_full"]),
         ("key pass", c["key_pass"]),
@@ -956,8 +1096,22 @@ def _g(n: int) -> str:
 
 
 __all__ = [
-    "DevicePlan", "Geometry", "LiveTensorBytes", "MemcheckError", "MemoryPlan", "device_map",
-    "edit_working_set", "estimate_geometry", "geometry_for", "live_tensor_bytes",
-    "measure_peak", "meta_model", "parse_max_memory", "plan", "render", "trace_value_step",
-    "value_step_costs", "weights_per_device",
+    "DevicePlan",
+    "Geometry",
+    "LiveTensorBytes",
+    "MemcheckError",
+    "MemoryPlan",
+    "device_map",
+    "edit_working_set",
+    "estimate_geometry",
+    "geometry_for",
+    "live_tensor_bytes",
+    "measure_peak",
+    "meta_model",
+    "parse_max_memory",
+    "plan",
+    "render",
+    "trace_value_step",
+    "value_step_costs",
+    "weights_per_device",
 ]

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.engine.hooks import capture_input, stop_after
 from rrome_cli.engine.positions import Tokenised, subject_last_token, tokenise
-from rrome_cli.models.families import ModuleNames
+from rrome_cli.models.families import ModuleNames, execution_device, input_device
 from rrome_cli.requests import EditRequest
 
 
@@ -63,7 +63,7 @@ def keys_at(
 ) -> torch.Tensor:
     """The key at each prompt's subject last token: (n_prompts, d_in), fp32 on W's device."""
     w_module = model.get_submodule(names.rewrite(layer))
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     # Right padding keeps every real token at its own position; causal attention means the
     # padding after a prompt cannot change the keys we read.
     ids, mask = right_padded([p.tokens.ids for p in prompts], pad_id(tok), device)
@@ -76,5 +76,5 @@ def keys_at(
     k_all = captured[0]  # (batch, seq, d_in), model dtype
     rows = torch.arange(len(prompts), device=k_all.device)
     cols = torch.tensor([p.subject_last for p in prompts], device=k_all.device)
-    w_device = next(w_module.parameters()).device
+    w_device = execution_device(w_module)
     return k_all[rows, cols].float().to(w_device)

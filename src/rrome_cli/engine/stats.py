@@ -60,7 +60,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
-from rrome_cli.models.families import ModuleNames, get_module, weight_as_out_in
+from rrome_cli.models.families import (
+    ModuleNames,
+    get_module,
+    input_device,
+    weight_as_out_in,
+)
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX
 
 DEFAULT_TOKENS = 100_000  # provisional: the lead measures edit quality against the budget
@@ -447,7 +452,7 @@ def _resume(path: Path, fresh: _Partial, expected: dict[str, str]) -> _Partial:
 
 
 def _input_device(model: PreTrainedModel) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return input_device(model)
 
 
 def _pad_id(tok: PreTrainedTokenizerBase) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rrome_cli.models.families import input_device
+
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -23,7 +25,7 @@ def generate_templates(
     seed: int = 0,
 ) -> list[str]:
     """``["{}"]`` + for each ``[length, n]``: n samples of ``length`` new tokens, as "... {}"."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     templates = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -31,13 +31,18 @@ class KeyCovariance:
         self.ridge = 0.0
         if mom2 is None:
             return
-        c = mom2.to(device=device, dtype=torch.float32)
-        self.ridge = ridge * c.diagonal().mean().item()
-        eye = torch.eye(c.shape[0], device=c.device, dtype=c.dtype)
-        factor, info = torch.linalg.cholesky_ex(c + self.ridge * eye)
+        # One d x d copy of C and its factor: the ridge goes onto the copy's diagonal in place.
+        c = mom2.to(device=device, dtype=torch.float32, copy=True)
+        scale = c.diagonal().mean().item()
+        self.ridge = ridge * scale
+        c.diagonal().add_(self.ridge)
+        factor, info = torch.linalg.cholesky_ex(c)
         while info.item() != 0:  # not positive definite in fp32: strengthen the ridge
-            self.ridge = max(self.ridge * 10, 1e-8 * c.diagonal().mean().item())
-            factor, info = torch.linalg.cholesky_ex(c + self.ridge * eye)
+            extra = max(self.ridge * 9, 1e-8 * scale)
+            c.diagonal().add_(extra)
+            self.ridge += extra
+            factor, info = torch.linalg.cholesky_ex(c)
+        del c
         self.factor = factor  # lower triangular L, (C + lambda I) = L L^T
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:

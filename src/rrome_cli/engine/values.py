@@ -26,7 +26,7 @@ from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import Templated, pad_id
 from rrome_cli.engine.positions import answer_tokens, subject_last_token, tokenise
-from rrome_cli.models.families import ModuleNames
+from rrome_cli.models.families import ModuleNames, execution_device, input_device
 
 KL_TEMPLATE = "{} is a"
 
@@ -177,7 +177,7 @@ class SuffixRunner:
     ) -> torch.Tensor:
         """fp32 log-softmax of the logits at (rows, cols) only: (N, vocab)."""
         h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
-        logits = self.head(h.to(self.head.weight.device)).float()
+        logits = self.head(h.to(execution_device(self.head))).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.log_softmax(logits, dim=-1)
@@ -208,8 +208,8 @@ def optimise_delta(
     """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}")."""
     start = time.perf_counter()
     mlp = model.get_submodule(names.mlp(layer))
-    mlp_device = next(model.get_submodule(names.rewrite(layer)).parameters()).device
-    batch = build_batch(tok, prompts, target, subject, model.get_input_embeddings().weight.device)
+    mlp_device = execution_device(model.get_submodule(names.rewrite(layer)))
+    batch = build_batch(tok, prompts, target, subject, input_device(model))
 
     with frozen(model):
         runner = SuffixRunner(model, batch)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rrome_cli.models.families import input_device
+
 PaddingSide = Literal["left", "right"]
 
 
@@ -48,11 +50,6 @@ class AnswerScore:
     def nll(self) -> float:
         """Length-normalised negative log-likelihood: mean over answer tokens of -log p."""
         return -sum(self.token_logprobs) / len(self.token_logprobs)
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where inputs must go: the device of the input embeddings (first shard under a device map)."""
-    return model.get_input_embeddings().weight.device
 
 
 def special_prefix(tok: PreTrainedTokenizerBase) -> list[int]:

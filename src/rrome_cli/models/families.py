@@ -105,3 +105,19 @@ def num_layers(config: Any) -> int:
         if getattr(config, key, None):
             return int(getattr(config, key))
     raise UnknownArchitectureError("config names no layer count (num_hidden_layers or n_layer)")
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when its weights are offloaded
+    (they then sit on the meta device between calls), else the device of its parameters."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's execution device."""
+    return execution_device(model.get_input_embeddings())

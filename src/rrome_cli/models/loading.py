@@ -145,42 +145,20 @@ def choose_dtype(
     return own if isinstance(own, torch.dtype) else torch.float32
 
 
-def device_map_for(
-    config: PretrainedConfig,
-    dtype: torch.dtype,
-    devices: list[torch.device],
-    max_memory: dict[str | int, str] | None = None,
-) -> dict[str, str | int] | None:
-    """An accelerate device map over exactly ``devices`` (None: everything on one device)."""
-    if len(devices) == 1 and not max_memory:
-        return None
-    from accelerate import infer_auto_device_map, init_empty_weights
-
-    with init_empty_weights():
-        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if max_memory is None:
-        max_memory = {}
-        for d in devices:
-            key = d.index if d.type == "cuda" else d.type
-            max_memory[key] = (
-                torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else "64GiB"
-            )
-    return infer_auto_device_map(
-        empty,
-        max_memory=max_memory,
-        no_split_module_classes=getattr(empty, "_no_split_modules", None) or [],
-        dtype=dtype,
-    )
-
-
 def load_model(
     model: str | None = None,
     dtype: str | None = None,
     devices: str | None = None,
     hparams: HParams | None = None,
-    max_memory: dict[str | int, str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    device_map: dict[str, int | str] | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer; module names come from the architecture (or the hparams)."""
+    """Load weights and tokenizer; module names come from the architecture (or the hparams).
+
+    Several ``devices`` (or a ``max_memory``) shard the layers with the device map that
+    ``rrome memcheck`` plans (accelerate, balanced over GPUs, room left for the edit);
+    ``device_map`` passes such a map in directly.
+    """
     name = model or DEFAULT_MODEL
     targets = parse_devices(devices)
     overrides = hparams.module_overrides() if hparams else None
@@ -191,14 +169,27 @@ def load_model(
     source = resolve(name)
     config = load_config(model) if shipped_config(name) else AutoConfig.from_pretrained(source)
     torch_dtype = choose_dtype(config, dtype, targets)
-    device_map = device_map_for(config, torch_dtype, targets, max_memory)
+    if device_map is None and (len(targets) > 1 or max_memory):
+        from rrome_cli.memcheck import plan
+
+        device_map = plan(name, dtype, devices, max_memory, hparams or HParams()).device_map
+    sharded = device_map is not None and set(device_map) != {""}
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+        net = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            device_map=device_map if sharded else None,
+            offload_folder=str(cache_dir() / "offload") if sharded else None,
+        )
     except OSError as err:
         raise ModelLoadError(f"--model {name}: cannot load ({err})") from None
-    if device_map is None:
-        net = net.to(targets[0])
+    if not sharded:
+        net = net.to(targets[0] if device_map is None else _as_device(device_map[""]))
     arch = (config.architectures or [type(net).__name__])[0]
     revision = getattr(config, "_commit_hash", None)
     return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
+
+
+def _as_device(where: int | str) -> torch.device:
+    return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
