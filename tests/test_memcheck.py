@@ -37,12 +37,18 @@ from rrome_cli.requests import EditRequest
 REQUEST = EditRequest(
     prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"
 )
-TINY_HPARAMS = HParams(layers=[1], v_num_grad_steps=5, context_template_length_params=[[3, 2]],
-                       mom2_adjustment=False)
+TINY_HPARAMS = HParams(
+    layers=[1], v_num_grad_steps=5, context_template_length_params=[[3, 2]], mom2_adjustment=False
+)
 # Published parameter counts (model cards / papers), to the precision they are usually quoted.
 PARAMETERS = {
-    "gpt2-xl": 1.5576e9, "gpt-j-6b": 6.0509e9, "llama2-7b": 6.7384e9, "llama3-8b": 8.0303e9,
-    "mistral-7b": 7.2417e9, "qwen2.5-7b": 7.6156e9, "smollm2-135m": 134.5e6,
+    "gpt2-xl": 1.5576e9,
+    "gpt-j-6b": 6.0509e9,
+    "llama2-7b": 6.7384e9,
+    "llama3-8b": 8.0303e9,
+    "mistral-7b": 7.2417e9,
+    "qwen2.5-7b": 7.6156e9,
+    "smollm2-135m": 134.5e6,
 }
 
 
@@ -98,11 +104,17 @@ def test_parse_max_memory_names_the_bad_part(spec: str) -> None:
         parse_max_memory(spec)
 
 
-def test_a_gpu_this_machine_lacks_needs_its_size() -> None:
+def test_a_gpu_this_machine_lacks_is_planned_at_an_assumed_size_and_said_so() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(MemcheckError, match="--max-memory 0="):
-        plan("llama2-7b", "fp16", "0", None, HParams())
+    result = plan("llama2-7b", "fp16", "0,1", None, HParams())
+    assert [d.capacity for d in result.devices[:2]] == [24 * 2**30] * 2
+    assert any(
+        "cuda:1 is not on this machine" in n and "--max-memory 1=" in n for n in result.notes
+    )
+    given = plan("llama2-7b", "fp16", "0", {0: "40GiB"}, HParams())
+    assert given.devices[0].capacity == 40 * 2**30
+    assert not any("not on this machine" in n for n in given.notes)
 
 
 # ------------------------------------------------------------------------------------- plans
@@ -128,7 +140,8 @@ def test_mistral_bf16_on_one_24gib_card_fits_and_16gib_does_not(offline) -> None
     big = plan("mistral-7b", "bf16", None, parse_max_memory("0=24GiB"), hp)
     (card,) = big.devices
     assert card.device == "cuda:0" and card.weights == param_bytes(
-        meta_model(load_config("mistral-7b"), torch.bfloat16))
+        meta_model(load_config("mistral-7b"), torch.bfloat16)
+    )
     # The edit needs more than the Cholesky factor of the 14336 x 14336 key covariance.
     assert card.edit > 14336**2 * 4
     assert big.fits and card.headroom == 24 * GiB - card.total
@@ -253,28 +266,43 @@ def test_an_edit_across_cpu_and_disk_offload_equals_the_single_device_edit() -> 
     reference = edit(model, tok, REQUEST, TINY_HPARAMS, names, None, templates)
     hybrid, _ = tiny_model("llama")
     device_map = {
-        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
-        "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": "disk",
-        "model.norm": "cpu", "lm_head": "cpu",
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.layers.2": "disk",
+        "model.layers.3": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
     }
     with tempfile.TemporaryDirectory() as folder:
-        hybrid = dispatch_model(hybrid, device_map=device_map, main_device="cpu",
-                                offload_dir=folder)
+        hybrid = dispatch_model(
+            hybrid, device_map=device_map, main_device="cpu", offload_dir=folder
+        )
         assert hybrid.model.layers[2].mlp.down_proj.weight.device.type == "meta"
         runs: list = []
         measured = measure_peak(
-            lambda: runs.append(edit(hybrid, tok, REQUEST, TINY_HPARAMS, names, None, templates)))
+            lambda: runs.append(edit(hybrid, tok, REQUEST, TINY_HPARAMS, names, None, templates))
+        )
         edited = hybrid.model.layers[1].mlp.down_proj.weight.detach().clone()
     (result,) = runs
     assert result.status == "applied"
     # Offloaded layers above the edited one stream their weights in, and autograd keeps them.
     geometry = geometry_for(tok, REQUEST, templates)
-    planned = plan("tiny-llama", "fp32", "cpu", {"cpu": 10**9, "disk": 10**9}, TINY_HPARAMS,
-                   geometry=geometry, device_map=device_map)
+    planned = plan(
+        "tiny-llama",
+        "fp32",
+        "cpu",
+        {"cpu": 10**9, "disk": 10**9},
+        TINY_HPARAMS,
+        geometry=geometry,
+        device_map=device_map,
+    )
     (cpu,) = [d for d in planned.devices if d.device == "cpu"]
     assert cpu.edit == pytest.approx(measured, rel=0.15)
-    assert cpu.edit > edit_working_set(model.config, torch.float32, TINY_HPARAMS, geometry,
-                                       names)["in_edit"] + 2 * param_bytes(hybrid.model.layers[2])
+    assert cpu.edit > edit_working_set(model.config, torch.float32, TINY_HPARAMS, geometry, names)[
+        "in_edit"
+    ] + 2 * param_bytes(hybrid.model.layers[2])
     ours, theirs = result.layers[0].patch, reference.layers[0].patch
     torch.testing.assert_close(ours.left, theirs.left)
     torch.testing.assert_close(ours.right, theirs.right)

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rrome_cli.config import HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
 from rrome_cli.models.registry import hparams_name
@@ -35,6 +36,7 @@ BAD_INPUT = (
     HParamsError,
     ModelLoadError,
     UnknownArchitectureError,
+    MemcheckError,
     FileNotFoundError,
 )
 

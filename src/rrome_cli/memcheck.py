@@ -20,7 +20,7 @@ Everything is computed from the model's configuration: the model is built on the
   lower the peak). An edited layer that would be offloaded is reported as a problem.
 - The rest is closed-form (fp32 unless said): the key second moment C (d_in^2, on the CPU) and
   its Cholesky factor (d_in^2, on W's device, one per edited layer), the factorisation peak
-  (C copy, identity, C + lambda I, factor), the rank-one update (outer product, old W kept for
+  (a copy of C + lambda I, the factor), the rank-one update (outer product, old W kept for
   revert, W in fp32), the key pass, and the statistics pass (float64 sum, keys of one batch,
   one layer's forward; heads x max_len^2 attention scores only under eager attention, since
   SDPA's fused kernels never materialise them).
@@ -231,16 +231,21 @@ def _ram() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+ASSUMED_GPU_BYTES = 24 * 2**30  # the size assumed for a GPU that is neither present nor given
+
+
+def _gpu_present(key: int) -> bool:
+    return torch.cuda.is_available() and key < torch.cuda.device_count()
+
+
 def capacity(key: int | str, max_memory: dict[int | str, int] | None) -> int:
     """Bytes usable on a device: --max-memory, else the GPU's or the machine's memory."""
     if max_memory and key in max_memory:
         return int(max_memory[key])
     if isinstance(key, int):
-        if torch.cuda.is_available() and key < torch.cuda.device_count():
+        if _gpu_present(key):
             return int(torch.cuda.get_device_properties(key).total_memory)
-        raise MemcheckError(
-            f"cuda:{key} is not on this machine; give its size with --max-memory {key}=24GiB"
-        )
+        return ASSUMED_GPU_BYTES  # planning for a GPU this machine lacks; the plan says so
     if key == "disk":
         return shutil.disk_usage(cache_dir() if cache_dir().exists() else os.getcwd()).free
     return _ram()
@@ -704,8 +709,8 @@ def _layer_costs(
 
     square = d_in * d_in * 4
     cholesky = square if hparams.mom2_adjustment else 0
-    copy_c = square if edit_at != "cpu" else 0
-    factorise = copy_c + 3 * square if hparams.mom2_adjustment else 0
+    # KeyCovariance: a copy of C with the ridge added in place, then the factor
+    factorise = 2 * square if hparams.mom2_adjustment else 0
     # apply_update: delta W (fp32) + old W kept for revert + W.float() + delta W (fp32), and
     # alongside the last either W.float() itself or its cast back (neither exists in fp32).
     update = d_out * d_in * (4 + size + 4 + (4 if size != 4 else 0))
@@ -887,6 +892,12 @@ def _plan(
         "scores (heads x max_len^2 per row) count only under eager attention, where they "
         f"would add {gib(components.get('stats_attention_scores_eager', 0))} GiB",
     ]
+    for k in targets:
+        if isinstance(k, int) and not _gpu_present(k) and k not in (max_memory or {}):
+            notes.append(
+                f"cuda:{k} is not on this machine: assuming {gib(ASSUMED_GPU_BYTES)} GiB "
+                f"(give its size with --max-memory {k}=SIZE)"
+            )
     if any(k not in targets for k in weights):
         notes.append(
             "the weights do not fit on the devices given: accelerate would put the "
@@ -1065,7 +1076,7 @@ def render(plan: MemoryPlan, console: Console) -> None:
     rows = [
         ("key covariance C (fp32, in RAM)", c["key_covariance_C"]),
         ("Cholesky factor of C + lambda I (fp32)", c["cholesky_factor"]),
-        ("factorisation peak (C copy, I, C + lambda I, factor)", c["factorisation_peak"]),
+        ("factorisation peak (C + lambda I copy, factor)", c["factorisation_peak"]),
         (
             f"value step, traced ({geo.rows} prompts x {geo.prefix}+{geo.suffix} tokens)",
             c["value_step"],
