@@ -1,8 +1,22 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from rrome_cli.models.tiny import FAMILIES, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def threads_for(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models run faster on one thread (thread start-up outweighs their work); the
+    SmolLM2 tests (marked slow) keep torch's default."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -7,7 +7,7 @@ the engine function under test a second time.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,6 @@ SECOND = EditRequest(
 FIRST_TOKEN = EditRequest(prompt="{} capital of Japan is", subject="The", target_new="Rome")
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase, ModuleNames]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load(family: str, dtype: torch.dtype = torch.float32) -> Model:
@@ -209,7 +200,7 @@ def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
 def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
     """Replace the value optimisation: layer -> a given delta."""
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp) -> ValueResult:  # noqa: ANN001
+    def fake(model, tok, names, layer, prompts, target, subject, hp, scale=None) -> ValueResult:  # noqa: ANN001
         delta = delta_for(layer)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
@@ -719,3 +710,37 @@ def test_edit_with_key_statistics_solves_against_c(family: str) -> None:
     c_inv_k = torch.linalg.solve(c, k_star)
     fp32_close(result.patches[0].left, unit(c_inv_k))
     assert result.layers[0].denominator == pytest.approx(float(k_star @ c_inv_k), rel=1e-4)
+
+
+@pytest.mark.parametrize("realized", [False, True])
+def test_realized_delta_scales_each_prompt_by_its_key(
+    monkeypatch: pytest.MonkeyPatch, realized: bool
+) -> None:
+    """v_realized_delta: prompt i sees (u.k_i)/(u.k*) delta, which averages to exactly 1 over
+    the templates under r-rome (k* is their mean key); off, no scale is passed at all."""
+    model, tok = tiny_model("llama")
+    names = module_names(type(model).__name__)
+    seen: list[torch.Tensor | None] = []
+    real = edit_module.optimise_delta
+
+    def spy(*args: Any, **kwargs: Any) -> ValueResult:
+        seen.append(args[8] if len(args) > 8 else kwargs.get("row_scale"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edit_module, "optimise_delta", spy)
+    hp = HParams(
+        layers=[1],
+        v_num_grad_steps=2,
+        context_template_length_params=[[3, 3]],
+        mom2_adjustment=False,
+        v_realized_delta=realized,
+    )
+    request = EditRequest(prompt="The capital of {} is", subject="Japan", target_new="Paris")
+    edit(model, tok, request, hp, names)
+    if not realized:
+        assert seen == [None]
+        return
+    (scale,) = seen
+    assert scale.shape == (5,)  # 4 templated prompts + the KL prompt
+    assert scale[:-1].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(scale, torch.ones_like(scale))

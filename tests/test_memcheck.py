@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -50,14 +49,6 @@ PARAMETERS = {
     "qwen2.5-7b": 7.6156e9,
     "smollm2-135m": 134.5e6,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,15 +25,6 @@ LAYER = 1
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def documents() -> list[str]:
     """The first Wikipedia summaries of the shipped corpus: real text, a few thousand tokens."""

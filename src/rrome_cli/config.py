@@ -52,6 +52,10 @@ class HParams:
     v_stop: str = "loss"
     v_stop_loss: float = 5e-2
     v_stop_prob: float = 0.9
+    # false (ROME, EasyEdit): the same delta is added at every templated prompt. true: prompt i
+    # gets (u . k_i) / (u . k*) delta, what the rank-one update will really add there, so the
+    # optimised value is the one the edited model reproduces (the bare prompt included).
+    v_realized_delta: bool = False
     mom2_adjustment: bool = True
     mom2_n_samples: int = 100_000  # token budget of the statistics pass
     mom2_dtype: str = "float32"

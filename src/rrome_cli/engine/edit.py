@@ -28,7 +28,7 @@ from rrome_cli.engine.update import (
     restore_weight,
     right_vector,
 )
-from rrome_cli.engine.values import optimise_delta
+from rrome_cli.engine.values import kl_prompt, optimise_delta
 from rrome_cli.models.families import ModuleNames, weight_as_out_in
 from rrome_cli.requests import EditRequest
 
@@ -111,16 +111,19 @@ def edit_layer(
     w = weight_as_out_in(model.get_submodule(module_name))
     t0 = time.perf_counter()
     prompts = [templated(tok, request, t) for t in templates]  # prompts[0]: the bare prompt
-    keys = keys_at(model, tok, names, layer, prompts)  # (n_templates, d_in) fp32
-    k_left, k_ref = _keys_for_variant(keys, hp.variant)
+    # keys of every templated prompt and of the KL prompt: (n_templates + 1, d_in) fp32
+    keys = keys_at(model, tok, names, layer, [*prompts, kl_prompt(tok, request.subject)])
+    k_left, k_ref = _keys_for_variant(keys[:-1], hp.variant)
     t1 = time.perf_counter()
-    value = optimise_delta(
-        model, tok, names, layer, prompts, request.target_new, request.subject, hp
-    )
+    u, denominator = left_vector(cov, k_left)  # (d_in,)
+    row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
     t2 = time.perf_counter()
-    u, denominator = left_vector(cov, k_left.to(value.delta.device))  # (d_in,)
-    right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
+    value = optimise_delta(
+        model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale
+    )
     t3 = time.perf_counter()
+    right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
+    t4 = time.perf_counter()
     patch = Patch(
         layer, module_name, u, right, str(w.dtype), str(request.case_id or request.source)
     )
@@ -137,8 +140,8 @@ def edit_layer(
         steps=value.steps,
         seconds={
             "keys": t1 - t0,
-            "values": t2 - t1,
-            "solve": t3 - t2,
+            "values": t3 - t2,
+            "solve": (t2 - t1) + (t4 - t3),
             "step": statistics.median(value.step_seconds) if value.step_seconds else 0.0,
         },
     )

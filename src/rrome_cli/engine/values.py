@@ -31,6 +31,13 @@ from rrome_cli.models.families import ModuleNames, execution_device, input_devic
 KL_TEMPLATE = "{} is a"
 
 
+def kl_prompt(tok: PreTrainedTokenizerBase, subject: str) -> Templated:
+    """The KL prompt "{subject} is a", its subject located (the batch's last row)."""
+    text = KL_TEMPLATE.replace("{}", subject)
+    tokens = tokenise(tok, text)
+    return Templated(text, tokens, len(subject), subject_last_token(tokens, len(subject)))
+
+
 @dataclass
 class ValueResult:
     delta: torch.Tensor  # (d_out,) fp32 on the MLP's device
@@ -75,8 +82,8 @@ def build_batch(
             (full.ids[: answer[-1]], s)
         )  # teacher forcing: the last target token is not fed
         targets += [(r, j, full.ids[j]) for j in answer]
-    kl = tokenise(tok, KL_TEMPLATE.replace("{}", subject))
-    rows.append((kl.ids, subject_last_token(kl, len(subject))))
+    kl = kl_prompt(tok, subject)
+    rows.append((kl.tokens.ids, kl.subject_last))
     width_p = max(s for _, s in rows)
     width_s = max(len(ids) - s for ids, s in rows)
     pad = pad_id(tok)
@@ -204,8 +211,15 @@ def optimise_delta(
     target: str,
     subject: str,
     hp: HParams,
+    row_scale: torch.Tensor | None = None,
 ) -> ValueResult:
-    """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}")."""
+    """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}").
+
+    ``row_scale`` (n_prompts + 1,): delta reaches row i as ``row_scale[i] * delta`` (the last
+    row is the KL prompt). None adds the same delta everywhere, as ROME does; the engine passes
+    (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is what the rank-one update will
+    really add at each prompt's subject token.
+    """
     start = time.perf_counter()
     mlp = model.get_submodule(names.mlp(layer))
     mlp_device = execution_device(model.get_submodule(names.rewrite(layer)))
@@ -225,9 +239,12 @@ def optimise_delta(
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * z.norm()
 
+        scale = torch.ones(batch.suffix_ids.shape[0]) if row_scale is None else row_scale
+        scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (B, 1, 1)
+
         def add_delta(out: torch.Tensor) -> torch.Tensor:
             # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row.
-            return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
+            return torch.cat([out[:, :1] + (scale * delta).to(out.dtype), out[:, 1:]], dim=1)
 
         steps, step_times = 0, []
         for _ in range(hp.v_num_grad_steps):
