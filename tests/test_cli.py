@@ -229,3 +229,26 @@ def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:
     records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["rejected", "rejected"]
     assert "update ratio" in records[0]["reason"]
+
+
+def test_apply_patches_reproduces_the_edited_model_and_revert_undoes_it(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "seq"
+    args = ("--model", "tiny-llama", "--limit", "2", "--sequential", "--save-model")
+    assert run("edit", str(SAMPLE), *args, "--out", str(run_dir)).exit_code == 0
+    patches = str(run_dir / "patches.safetensors")
+    applied = tmp_path / "applied"
+    result = run("apply", patches, "--model", "tiny-llama", "--out", str(applied))
+    assert result.exit_code == 0, result.stderr
+    edited = load_file(str(run_dir / "model" / "model.safetensors"))
+    again = load_file(str(applied / "model.safetensors"))
+    assert all(torch.equal(edited[k], again[k]) for k in edited)  # bit for bit
+    reverted = tmp_path / "reverted"
+    result = run("apply", patches, "--model", str(applied), "--revert", "--out", str(reverted))
+    assert result.exit_code == 0, result.stderr
+    base = load_model("tiny-llama").model.state_dict()
+    back = load_file(str(reverted / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(edited[name], base[name])
+    torch.testing.assert_close(back[name], base[name], rtol=0, atol=1e-5)

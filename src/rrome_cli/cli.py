@@ -431,6 +431,40 @@ def stats_cmd(
     guarded(body)
 
 
+@app.command("apply")
+def apply_cmd(
+    patches: Annotated[Path, typer.Argument(help="patches.safetensors of an rrome run.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the patched checkpoint.")],
+    model: Model = None,
+    revert: Annotated[
+        bool,
+        typer.Option(
+            "--revert",
+            help="Subtract the patches (newest first) from --model, an edited checkpoint.",
+        ),
+    ] = False,
+    fp16: Fp16 = False,
+    bf16: Bf16 = False,
+    devices: Devices = None,
+) -> None:
+    """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint."""
+    from rrome_cli.engine.update import apply_patch, load_patches, revert_patch
+    from rrome_cli.models.loading import load_model
+    from rrome_cli.run import save_model_atomic
+
+    def body() -> None:
+        loaded = load_model(model, _dtype(fp16, bf16), devices)
+        found = load_patches(patches)
+        for patch in reversed(found) if revert else found:
+            (revert_patch if revert else apply_patch)(loaded.model, patch)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model_atomic(loaded, out)
+        done = "reverted" if revert else "applied"
+        console.print(f"{len(found)} patches {done}; checkpoint written to [bold]{out}[/bold]")
+
+    guarded(body)
+
+
 def main() -> None:
     app()
 

@@ -24,6 +24,14 @@ from typing import IO, Any
 
 import torch
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit
@@ -286,15 +294,26 @@ def run_edits(
     done = {r["index"] for r in previous}
     stdout = sys.stdout if opts.report == "-" else None
     requests: list[EditRequest] = []
-    with report_path.open("a") as report:
+    progress = Progress(
+        TextColumn("[bold]edits"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+    )
+    with report_path.open("a") as report, progress:
+        task = progress.add_task("", total=opts.limit, completed=len(done))
         for index, request in enumerate(_requests(opts, lambda m: console.print(f"[yellow]{m}"))):
             requests.append(request)
             if index in done:
                 continue
-            console.print(f"[{index}] {request.text!r} -> {request.target_new!r}", highlight=False)
+            progress.update(task, description=f"{request.text} -> {request.target_new}")
             record = _safe_edit(state, index, request, console)
             records.append(record)
             _append(report, record, stdout)
+            progress.advance(task)
             if after_record:
                 after_record(record)
     if opts.sequential and opts.retrospective:

@@ -101,6 +101,14 @@ def apply_patch(model: nn.Module, patch: Patch) -> torch.Tensor:
     return apply_update(module, patch.delta_w(module.weight.device))
 
 
+def revert_patch(model: nn.Module, patch: Patch) -> None:
+    """W <- (W.float() - delta W).to(W.dtype): undoes ``apply_patch`` on a model that no longer
+    holds the original W, to within one rounding of the weight's dtype. (In a run, edits are
+    reverted from the saved W instead, bit for bit.)"""
+    module = model.get_submodule(patch.module)
+    apply_update(module, -patch.delta_w(module.weight.device))
+
+
 def save_patches(path: Path, patches: list[Patch]) -> None:
     """All patches in one safetensors file, written atomically; layout in the metadata."""
     tensors, meta = {}, []
