@@ -37,7 +37,12 @@ from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
-from rrome_cli.evaluate import evaluate_request, first_collapse, probe_entropy
+from rrome_cli.evaluate import (
+    evaluate_request,
+    evaluate_requests,
+    first_collapse,
+    probe_entropy,
+)
 from rrome_cli.models.families import weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict
@@ -372,15 +377,25 @@ def _safe_edit(
 def retrospective(
     state: RunState, requests: list[EditRequest], records: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Every request re-evaluated on the final model (sequential runs)."""
-    by_index = {r["index"]: r for r in records}
-    out = []
-    for index, request in enumerate(requests):
-        metrics, _ = evaluate_request(state.loaded.model, state.loaded.tok, request)
-        out.append(
-            {"index": index, "status": by_index.get(index, {}).get("status"), "retro": metrics}
-        )
-    return out
+    """Every request re-evaluated on the final model (sequential runs); locality against the
+    unedited model, whose weights are put back briefly to take the reference predictions."""
+    model, tok = state.loaded.model, state.loaded.tok
+    final = {}
+    for name, w0 in state.base_weights.items():
+        w = weight_as_out_in(model.get_submodule(name))
+        final[name] = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(w0.to(w.dtype))
+    unedited = evaluate_requests(model, tok, requests)
+    for name, w in final.items():
+        with torch.no_grad():
+            weight_as_out_in(model.get_submodule(name)).copy_(w)
+    retro = evaluate_requests(model, tok, requests, [ref for _, ref in unedited])
+    status = {r["index"]: r.get("status") for r in records}
+    return [
+        {"index": i, "status": status.get(i), "retro": metrics}
+        for i, (metrics, _) in enumerate(retro)
+    ]
 
 
 def _append(report: IO[str], record: dict[str, Any], stdout: IO[str] | None) -> None:
