@@ -744,3 +744,14 @@ def test_realized_delta_scales_each_prompt_by_its_key(
     assert scale.shape == (5,)  # 4 templated prompts + the KL prompt
     assert scale[:-1].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert not torch.allclose(scale, torch.ones_like(scale))
+
+
+def test_stop_rules() -> None:
+    from rrome_cli.engine.values import _reached
+
+    nll = -torch.log(torch.tensor([0.5, 0.99, 0.99]))  # bare prompt 0.5, others 0.99
+    tiny_loss = torch.tensor(0.01)
+    assert _reached(tiny_loss, nll, HParams(v_stop="loss"))  # ROME: the loss alone decides
+    assert not _reached(tiny_loss, nll, HParams(v_stop="target", v_stop_prob=0.9))
+    good = -torch.log(torch.tensor([0.95, 0.9, 0.9]))
+    assert _reached(torch.tensor(3.0), good, HParams(v_stop="target", v_stop_prob=0.9))

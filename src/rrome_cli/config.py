@@ -47,8 +47,8 @@ class HParams:
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
-    # Early stop: "loss" stops when the total loss < v_stop_loss (ROME); "target" also stops
-    # as soon as every templated prompt gives the target a mean probability >= v_stop_prob.
+    # Early stop: "loss" stops when the total loss < v_stop_loss (ROME); "target" stops when
+    # the bare prompt, and the templated prompts on average, give the target v_stop_prob.
     v_stop: str = "loss"
     v_stop_loss: float = 5e-2
     v_stop_prob: float = 0.9

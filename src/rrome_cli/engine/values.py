@@ -296,8 +296,10 @@ def _value_loss(
 
 
 def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
-    """ROME's stop (total loss below v_stop_loss); with v_stop "target", also stop once every
-    templated prompt, the bare prompt included, gives the target v_stop_prob or more."""
-    if loss.item() < hp.v_stop_loss:
-        return True
-    return hp.v_stop == "target" and torch.exp(-nll_each).min().item() >= hp.v_stop_prob
+    """v_stop "loss": ROME's stop, the total loss below v_stop_loss. "target": the target's
+    mean token probability is v_stop_prob or more on the bare prompt (row 0) and on average
+    over the templated prompts, whatever the KL term says."""
+    if hp.v_stop == "loss":
+        return loss.item() < hp.v_stop_loss
+    prob = torch.exp(-nll_each)  # (n_rewrite,)
+    return prob[0].item() >= hp.v_stop_prob and prob.mean().item() >= hp.v_stop_prob
