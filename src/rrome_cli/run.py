@@ -321,29 +321,43 @@ def run_edits(
             progress.advance(task)
             if after_record:
                 after_record(record)
+    shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
+    summary = summarise(records) | {"provenance": {k: prov[k] for k in shown}}
+    summary["failed_internal"] = state.failed
+    if opts.sequential:
+        summary |= sequential_summary(state, records, console)
     if opts.sequential and opts.retrospective:
         retro = retrospective(state, requests, records)
         write_jsonl(out / "retrospective.jsonl", retro)
-    summary = summarise(records)
-    summary["failed_internal"] = state.failed
-    if opts.sequential:
-        collapse = first_collapse(records, state.baseline_entropy)
-        summary["baseline_entropy"] = state.baseline_entropy
-        summary["collapsed"] = collapse is not None
-        summary["collapse"] = asdict(collapse) if collapse else None
-        if collapse:
-            console.print(
-                f"[red]collapse at edit {collapse.index}: {collapse.reason} "
-                f"({collapse.value:.4g} vs {collapse.threshold:.4g})"
-            )
+        retro_summary = summarise([{"status": r["status"], "post": r["retro"]} for r in retro])
+        summary["retrospective"] = retro_summary["metrics"]["post"]
     write_json(out / "summary.json", summary)
     if not opts.sequential:
         save_patches(out / "patches.safetensors", state.patches)
     if opts.save_model:
         save_model_atomic(loaded, out / "model")
-    shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
-    render_summary(summary, {k: prov[k] for k in shown}, console)
+    render_summary(summary, summary["provenance"], console)
+    if "retrospective" in summary:
+        retro_view = {**retro_summary, "metrics": {"pre": {}, "post": summary["retrospective"]}}
+        render_summary(retro_view, {"protocol": "retrospective (all edits applied)"}, console)
     return out, summary
+
+
+def sequential_summary(
+    state: RunState, records: list[dict[str, Any]], console: Console
+) -> dict[str, Any]:
+    """Collapse signals of a sequential run: the first one found, if any."""
+    collapse = first_collapse(records, state.baseline_entropy)
+    if collapse:
+        console.print(
+            f"[red]collapse at edit {collapse.index}: {collapse.reason} "
+            f"({collapse.value:.4g} vs {collapse.threshold:.4g})"
+        )
+    return {
+        "baseline_entropy": state.baseline_entropy,
+        "collapsed": collapse is not None,
+        "collapse": asdict(collapse) if collapse else None,
+    }
 
 
 def reapply_patches(state: RunState) -> None:
