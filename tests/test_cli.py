@@ -252,3 +252,34 @@ def test_apply_patches_reproduces_the_edited_model_and_revert_undoes_it(tmp_path
     name = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(edited[name], base[name])
     torch.testing.assert_close(back[name], base[name], rtol=0, atol=1e-5)
+
+
+def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
+    edit_dir = tmp_path / "edit"
+    base = ("--model", "tiny-llama", "--limit", "2")
+    assert run("edit", str(SAMPLE), *base, "--sequential", "--out", str(edit_dir)).exit_code == 0
+    patched = tmp_path / "patched"
+    html = tmp_path / "report.html"
+    result = run(
+        "eval",
+        str(SAMPLE),
+        *base,
+        "--patches",
+        str(edit_dir / "patches.safetensors"),
+        "--out",
+        str(patched),
+        "--html",
+        str(html),
+    )
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (patched / "report.jsonl").read_text().splitlines()]
+    edited = [json.loads(x) for x in (edit_dir / "report.jsonl").read_text().splitlines()]
+    # the patched base model scores the last request as the sequential run's final model did
+    assert records[-1]["post"]["nll_new"] == pytest.approx(edited[-1]["post"]["nll_new"], 1e-4)
+    assert records[0]["pre"]["nll_new"] == pytest.approx(edited[0]["pre"]["nll_new"], 1e-4)
+    assert "<svg" in html.read_text()
+    same = tmp_path / "same"
+    result = run("eval", str(SAMPLE), *base, "--compare", "tiny-llama", "--out", str(same))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (same / "report.jsonl").read_text().splitlines()]
+    assert all(r["post"]["locality"] == 1.0 and r["post"] == r["pre"] for r in records)

@@ -53,31 +53,20 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
     base = load_model(opts.model, opts.dtype, opts.devices)
     console.print(f"evaluating {len(requests)} requests on {base.model_id}")
     pre = evaluate_requests(base.model, base.tok, requests, fluency=opts.fluency, seed=opts.seed)
-    post = None
-    protocol = "as is"
+    post_model, protocol = None, "as is"
     if opts.patches:
         patches = load_patches(opts.patches)
         for patch in patches:
             apply_patch(base.model, patch)
-        protocol = f"base + {len(patches)} patches ({opts.patches})"
-        post = evaluate_requests(
-            base.model,
-            base.tok,
-            requests,
-            [r for _, r in pre],
-            fluency=opts.fluency,
-            seed=opts.seed,
-        )
+        post_model, protocol = base, f"base + {len(patches)} patches ({opts.patches})"
     elif opts.compare:
-        other = load_model(opts.compare, opts.dtype, opts.devices)
-        protocol = f"{base.model_id} vs {other.model_id}"
+        post_model = load_model(opts.compare, opts.dtype, opts.devices)
+        protocol = f"{base.model_id} vs {post_model.model_id}"
+    post = None
+    if post_model is not None:  # locality against the predictions of the first model
+        references = [r for _, r in pre]
         post = evaluate_requests(
-            other.model,
-            other.tok,
-            requests,
-            [r for _, r in pre],
-            fluency=opts.fluency,
-            seed=opts.seed,
+            post_model.model, post_model.tok, requests, references, opts.fluency, opts.seed
         )
     records = []
     for i, request in enumerate(requests):
