@@ -49,13 +49,9 @@ def bench_stats(
     means the stats pass is that many times faster per token."""
     with tempfile.TemporaryDirectory() as stats_dir:
         start = time.perf_counter()
-        result = stats.second_moment(
-            loaded.model,
-            loaded.tok,
-            loaded.names,
+        result = stats.second_moment_of(
+            loaded,
             layer,
-            model_id=loaded.model_id,
-            revision=loaded.revision,
             tokens=tokens,
             max_len=max_len,
             batch_tokens=batch_tokens,

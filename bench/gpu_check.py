@@ -35,8 +35,9 @@ from rrome_cli.models.loading import load_config
 from rrome_cli.models.tiny import tiny_model, tiny_tokenizer
 from rrome_cli.requests import EditRequest
 
-REQUEST = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux",
-                      target_new="English")
+REQUEST = EditRequest(
+    prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"
+)
 
 
 def build(alias: str, device: torch.device, dtype: torch.dtype):  # noqa: ANN201
@@ -88,8 +89,9 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[1]
     mom2 = random_second_moment(d_in, device) if hp.mom2_adjustment else None
     key = 0 if device.type == "cuda" else "cpu"
-    size = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-            else 64 * GiB)
+    size = (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 64 * GiB
+    )
     rows = []
 
     def one_edit(net: torch.nn.Module) -> tuple[int, float, torch.Tensor]:
@@ -108,8 +110,17 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     single = plan(alias, dtype_name, str(device), {key: size}, hp, geometry=geometry)
     measured, seconds, right = one_edit(model)
     predicted = single.predicted_allocated[single.edit_device]
-    rows.append([alias, "one device", _g(predicted), _g(measured),
-                 f"{predicted / measured - 1:+.1%}", f"{seconds:.1f}", "-"])
+    rows.append(
+        [
+            alias,
+            "one device",
+            _g(predicted),
+            _g(measured),
+            f"{predicted / measured - 1:+.1%}",
+            f"{seconds:.1f}",
+            "-",
+        ]
+    )
 
     # 2. layers split between the device and an offload target (CPU on a GPU; disk on a CPU)
     weights = single.devices[0].weights
@@ -129,8 +140,7 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     # device from their weights, which offloading leaves on the meta device.
     blocks = names.layer_module_tmp.split("{}")[0]
     chosen = {n: (w if n.startswith(blocks) else key) for n, w in split.device_map.items()}
-    split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry,
-                 device_map=chosen)
+    split = plan(alias, dtype_name, str(device), limits, hp, geometry=geometry, device_map=chosen)
     fresh, _ = build(alias, device, dtype)
     for name, where in split.device_map.items():
         if where == "cpu" and name:
@@ -141,8 +151,17 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     predicted = split.predicted_allocated[split.edit_device]
     same = torch.allclose(right_split.float().cpu(), right.float().cpu(), rtol=2e-2, atol=1e-3)
     offloaded = sum(1 for v in split.device_map.values() if v == spill)
-    rows.append([alias, f"split ({offloaded} modules on {spill})", _g(predicted), _g(measured),
-                 f"{predicted / measured - 1:+.1%}", f"{seconds:.1f}", "yes" if same else "NO"])
+    rows.append(
+        [
+            alias,
+            f"split ({offloaded} modules on {spill})",
+            _g(predicted),
+            _g(measured),
+            f"{predicted / measured - 1:+.1%}",
+            f"{seconds:.1f}",
+            "yes" if same else "NO",
+        ]
+    )
     del fresh
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -166,8 +185,15 @@ def main() -> None:
             raise SystemExit("no GPU: run with --dry-run")
         device, models, dtype = torch.device("cuda:0"), args.models.split(","), "bf16"
     table = Table(title=f"memcheck vs measured peak on {device} ({dtype}, MiB, weights included)")
-    for column in ("model", "placement", "predicted", "measured", "error", "seconds",
-                   "same update"):
+    for column in (
+        "model",
+        "placement",
+        "predicted",
+        "measured",
+        "error",
+        "seconds",
+        "same update",
+    ):
         table.add_column(column)
     for alias in models:
         for row in run(alias, device, dtype, console):

@@ -43,7 +43,7 @@ from rrome_cli.evaluate import (
     first_collapse,
     probe_entropy,
 )
-from rrome_cli.models.families import weight_as_out_in
+from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict
 
@@ -150,23 +150,20 @@ def prepare_covariances(
     """Key statistics for each edited layer (cached on disk), or C = I."""
     if not hp.mom2_adjustment:
         return {}, "identity (mom2_adjustment: false)"
-    from rrome_cli.engine.stats import second_moment
+    from rrome_cli.engine.stats import second_moment_of
 
     covariances, sources = {}, []
+    stats_dir = opts.stats.get("stats_dir") or hp.stats_dir
     for layer in hp.layers:
-        w = loaded.model.get_submodule(loaded.names.rewrite(layer)).weight
-        stats = second_moment(
-            loaded.model,
-            loaded.tok,
-            loaded.names,
+        w_device = execution_device(loaded.model.get_submodule(loaded.names.rewrite(layer)))
+        stats = second_moment_of(
+            loaded,
             layer,
-            model_id=loaded.model_id,
-            revision=loaded.revision,
             tokens=opts.stats.get("tokens") or hp.mom2_n_samples,
             corpus=opts.stats.get("corpus"),
-            stats_dir=opts.stats.get("stats_dir"),
+            stats_dir=Path(stats_dir) if stats_dir else None,
         )
-        covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w.device)
+        covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w_device)
         sources.append(f"{stats.source} ({stats.tokens} tokens)")
     return covariances, "second moment: " + "; ".join(sorted(set(sources)))
 

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,9 @@ from rrome_cli.models.families import (
     weight_as_out_in,
 )
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX
+
+if TYPE_CHECKING:
+    from rrome_cli.models.loading import LoadedModel
 
 # Measured on SmolLM2 (layer 5, 20 CounterFact edits): C from 20k tokens gives the same edit
 # metrics as from 200k (rewrite 0.90 / rephrase 0.275 / locality 1.0 both), though u itself
@@ -743,13 +746,9 @@ def stats_command(
         if stats_dir is None and hparams is not None and hparams.stats_dir:
             stats_dir = Path(hparams.stats_dir)
         loaded = load_model(model, dtype, devices, hparams)
-        result = second_moment(
-            loaded.model,
-            loaded.tok,
-            loaded.names,
+        result = second_moment_of(
+            loaded,
             layer,
-            model_id=loaded.model_id,
-            revision=loaded.revision,
             corpus=corpus,
             tokens=tokens,
             max_len=max_len,
@@ -760,6 +759,19 @@ def stats_command(
         if out is not None and rank == 0:
             _save_atomic(Path(out), {"mom2": result.mom2}, result.metadata)
         return result
+
+
+def second_moment_of(loaded: LoadedModel, layer: int, **options: Any) -> SecondMoment:
+    """``second_moment`` for a model from ``load_model`` (its identity and revision included)."""
+    return second_moment(
+        loaded.model,
+        loaded.tok,
+        loaded.names,
+        layer,
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        **options,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
