@@ -186,7 +186,7 @@ def _cumulative_ratio(state: RunState, result: EditResult) -> float:
     ratios = []
     for e in result.layers:
         w = weight_as_out_in(state.loaded.model.get_submodule(e.module)).detach().float()
-        w0 = state.base_weights.setdefault(e.module, w.clone()).float()
+        w0 = state.base_weights[e.module]  # taken before the run's first edit of the module
         ratios.append(float((w - w0).norm() / w0.norm()))
     return max(ratios, default=0.0)
 
@@ -232,14 +232,13 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             seed=opts.seed + index,
         )
         record["post"] = post
+        state.patches.extend(result.patches)
         if opts.sequential:
             record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
             if opts.probe_every and (index + 1) % opts.probe_every == 0:
                 record["probe_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
-            state.patches.extend(result.patches)
             save_patches(state.out / "patches.safetensors", state.patches)
         else:
-            state.patches.extend(result.patches)
             result.revert(loaded.model)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
