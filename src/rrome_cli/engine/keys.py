@@ -12,7 +12,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.engine.hooks import capture_input, stop_after
-from rrome_cli.engine.positions import Tokenised, subject_last_token, tokenise
+from rrome_cli.engine.positions import (
+    Tokenised,
+    pad_id,
+    right_padded,
+    subject_last_token,
+    tokenise,
+)
 from rrome_cli.models.families import ModuleNames, execution_device, input_device
 from rrome_cli.requests import EditRequest
 
@@ -34,23 +40,6 @@ def templated(tok: PreTrainedTokenizerBase, request: EditRequest, template: str)
     subject_end = subject_start + len(request.subject)
     tokens = tokenise(tok, prompt_text)
     return Templated(prompt_text, tokens, subject_end, subject_last_token(tokens, subject_end))
-
-
-def right_padded(
-    rows: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, max_len), padded on the right."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tok: PreTrainedTokenizerBase) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 
@@ -50,3 +51,25 @@ def answer_tokens(t: Tokenised, answer_start: int) -> list[int]:
         for i, (start, end) in enumerate(t.offsets)
         if not _is_special((start, end)) and end > answer_start
     ]
+
+
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """A token id to fill padding with (always masked out, so any valid id does)."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def right_padded(
+    rows: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (rows, longest), padded on the right: pads come after
+    every real token, so a causal model computes the real positions exactly as unpadded."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)

@@ -60,6 +60,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
+from rrome_cli.engine.positions import pad_id
+from rrome_cli.engine.positions import right_padded as pad_batch
 from rrome_cli.models.families import (
     ModuleNames,
     get_module,
@@ -281,20 +283,6 @@ def batch_stream(
     return token_batches(length_sorted(rows, SORT_WINDOW), batch_tokens)
 
 
-def pad_batch(
-    rows: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask), both (rows, longest); pads come after every
-    real token, so a causal model computes the real positions exactly as without padding."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 # -------------------------------------------------------------------------------- cache identity
 
 
@@ -461,14 +449,6 @@ def _input_device(model: PreTrainedModel) -> torch.device:
     return input_device(model)
 
 
-def _pad_id(tok: PreTrainedTokenizerBase) -> int:
-    # Any valid id will do: padded positions are masked out and come after the real tokens.
-    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def _keys_of(
     model: PreTrainedModel, names: ModuleNames, layer: int, ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -611,7 +591,7 @@ def _accumulate(
     meta = _partial_metadata(key, batch_tokens, rank, world, fresh)
     expected = {k: meta[k] for k in (*KEY_FIELDS, "batch_tokens", "sort_window", "rank", "world")}
     state = _resume(partial_path, fresh, expected)
-    input_device, pad_id = _input_device(model), _pad_id(tok)
+    input_device, pad = _input_device(model), pad_id(tok)
     seen, saved_at = 0, 0  # tokens of the whole stream passed, and at the last save
     with _progress_bar(progress and rank == 0) as bar:
         task = None
@@ -623,7 +603,7 @@ def _accumulate(
             if task is None:
                 task = bar.add_task(f"key stats {key['module']}", total=tokens, completed=saved_at)
             if index % world == rank:
-                ids, mask = pad_batch(batch, pad_id, input_device)
+                ids, mask = pad_batch(batch, pad, input_device)
                 state.add(_keys_of(model, names, layer, ids, mask), mask)
             state.next_batch = index + 1
             bar.update(task, completed=seen)

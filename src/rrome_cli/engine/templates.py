@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rrome_cli.engine.positions import pad_id
 from rrome_cli.models.families import input_device
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -46,7 +47,7 @@ def _sample(
     """Top-5 samples of exactly ``length`` new tokens, one batched ``generate`` call."""
     rows = [tok(s).input_ids for s in starters]
     width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     # Left padding by hand (the shared tokenizer's padding side is never touched).
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

@@ -24,8 +24,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
-from rrome_cli.engine.keys import Templated, pad_id
-from rrome_cli.engine.positions import answer_tokens, subject_last_token, tokenise
+from rrome_cli.engine.keys import Templated
+from rrome_cli.engine.positions import answer_tokens, pad_id, subject_last_token, tokenise
 from rrome_cli.models.families import ModuleNames, execution_device, input_device
 
 KL_TEMPLATE = "{} is a"

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rrome_cli.evaluate.tokens import input_device, pad_batch, pad_token_id, special_prefix
+from rrome_cli.engine.positions import pad_id
+from rrome_cli.evaluate.tokens import input_device, pad_batch, special_prefix
 
 WORD = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
 NGRAM_ORDERS = (2, 3)
@@ -90,8 +91,8 @@ def generate(
     device = input_device(model)
     prefix = special_prefix(tok)
     sequences = [prefix + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    pad_id = pad_token_id(tok)
-    ids, mask, _, _ = pad_batch(sequences, pad_id, "left", device)
+    pad = pad_id(tok)
+    ids, mask, _, _ = pad_batch(sequences, pad, "left", device)
     options = dict(do_sample=True, top_k=top_k) if sample else dict(do_sample=False)
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
@@ -101,7 +102,7 @@ def generate(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,  # a fixed length keeps entropies comparable
-            pad_token_id=pad_id,
+            pad_token_id=pad,
             **options,
         )
     new_tokens = out[:, ids.shape[1] :]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rrome_cli.engine.positions import pad_id
 from rrome_cli.models.families import input_device
 
 PaddingSide = Literal["left", "right"]
@@ -120,14 +121,6 @@ def pad_batch(
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device), starts
 
 
-def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
-    """A token id to fill padding with (masked out, so any valid id does)."""
-    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 @torch.no_grad()
 def _score_batch(
     model: nn.Module, batch: Sequence[Encoded], pad_id: int, side: PaddingSide
@@ -170,8 +163,8 @@ def score_answers(
     in ``ceil(len(pairs) / batch_size)`` forward passes."""
     prefix = special_prefix(tok)
     encoded = [encode_pair(tok, prompt, answer, prefix) for prompt, answer in pairs]
-    pad_id = pad_token_id(tok)
+    pad = pad_id(tok)
     scores: list[AnswerScore] = []
     for at in range(0, len(encoded), batch_size):
-        scores += _score_batch(model, encoded[at : at + batch_size], pad_id, padding_side)
+        scores += _score_batch(model, encoded[at : at + batch_size], pad, padding_side)
     return scores
