@@ -6,7 +6,9 @@ tokenizer: no download), on one GPU:
      ``torch.cuda.max_memory_allocated`` over building the Cholesky factor and the edit;
   2. the same edit with the layers split between the GPU and the CPU (accelerate offload, the
      device map memcheck plans), checked to give the same update as run 1.
-Prints one table. ``--dry-run`` does the same on the CPU with tiny-llama (disk offload for the
+  3. every tiny family in fp16 and bf16 on the device: the edit runs, W keeps its dtype and
+     device, and the update lands as the fp32 patch rounded once.
+Prints two tables. ``--dry-run`` does the same on the CPU with tiny-llama (disk offload for the
 split), to check the script without a GPU.
 
     python bench/gpu_check.py                  # on a GPU machine (about 3 minutes on an H100)
@@ -16,6 +18,7 @@ split), to check the script without a GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -77,8 +80,11 @@ def peak_total(fn, device: torch.device, model: torch.nn.Module) -> int:  # noqa
     return before + tracker.peak
 
 
-def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> list[list[str]]:
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+def run(
+    alias: str, device: torch.device, dtype_name: str, console: Console, split_too: bool = True
+) -> list[list[str]]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    release(device)  # accelerate's hooks hold earlier models in reference cycles
     hp = load_hparams(shipped_hparams(alias if not alias.startswith("tiny-") else "tiny-llama"))
     hp.v_num_grad_steps = 5
     layer = hp.layers[0]
@@ -112,7 +118,7 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     predicted = single.predicted_allocated[single.edit_device]
     rows.append(
         [
-            alias,
+            f"{alias} {dtype_name}",
             "one device",
             _g(predicted),
             _g(measured),
@@ -122,11 +128,12 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
         ]
     )
 
+    if not split_too:
+        return rows
     # 2. layers split between the device and an offload target (CPU on a GPU; disk on a CPU)
     weights = single.devices[0].weights
     del model  # the split run measures its own weights only
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     spill = "cpu" if device.type == "cuda" else "disk"
     for share in (0.5, 0.6, 0.7, 0.8, 0.9):  # the least room that keeps layer l on the device
         limits = {key: int(weights * share), spill: 512 * GiB}
@@ -153,7 +160,7 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     offloaded = sum(1 for v in split.device_map.values() if v == spill)
     rows.append(
         [
-            alias,
+            f"{alias} {dtype_name}",
             f"split ({offloaded} modules on {spill})",
             _g(predicted),
             _g(measured),
@@ -166,6 +173,59 @@ def run(alias: str, device: torch.device, dtype_name: str, console: Console) -> 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def tiny_dtypes(device: torch.device) -> Table:
+    """3. every tiny family in fp16 and bf16 on ``device``."""
+    table = Table(title=f"tiny families on {device}: half-precision edits")
+    for column in (
+        "family",
+        "dtype",
+        "W dtype/device kept",
+        "W' = round(W + fp32 patch)",
+        "||dW||/||W||",
+        "steps",
+        "seconds",
+    ):
+        table.add_column(column)
+    for family in ("gpt2", "gptj", "gpt-neox", "llama", "mistral", "qwen2"):
+        for dtype in (torch.float16, torch.bfloat16):
+            model, tok = tiny_model(family, dtype=dtype)
+            model = model.to(device)
+            hp = load_hparams(shipped_hparams(f"tiny-{family}"))
+            hp.v_num_grad_steps = 20
+            names = module_names(type(model).__name__, hp.module_overrides())
+            module = model.get_submodule(names.rewrite(hp.layers[0]))
+            was = weight_as_out_in(module).detach().float().clone()  # (d_out, d_in)
+            start = time.perf_counter()
+            result = edit(model, tok, REQUEST, hp, names)
+            seconds = time.perf_counter() - start
+            patch = result.layers[0].patch
+            w = module.weight.detach()
+            kept = w.dtype == dtype and w.device.type == device.type
+            # W' must be (W + delta W in fp32) rounded once to the weight's dtype
+            expected = (was + patch.delta_w(device).float()).to(dtype).float()
+            same = bool(torch.equal(weight_as_out_in(module).float(), expected))
+            table.add_row(
+                family,
+                str(dtype).removeprefix("torch."),
+                "yes" if kept else "NO",
+                "yes" if same else "NO",
+                f"{result.layers[0].update_ratio:.2e}",
+                str(result.layers[0].steps),
+                f"{seconds:.2f}",
+            )
+    return table
+
+
+def release(device: torch.device) -> None:
+    """Free what earlier runs left, so each peak is its own (cuBLAS keeps its workspaces)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated(device)
+        if left > 256 * 2**20:
+            raise RuntimeError(f"{left / 2**20:.0f} MiB still allocated from an earlier run")
 
 
 def _g(n: int) -> str:
@@ -198,7 +258,11 @@ def main() -> None:
     for alias in models:
         for row in run(alias, device, dtype, console):
             table.add_row(*row)
+    if not args.dry_run:  # the dtype users crash on elsewhere, one device only
+        for row in run(models[0], device, "fp16", console, split_too=False):
+            table.add_row(*row)
     console.print(table)
+    console.print(tiny_dtypes(device))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
@@ -108,7 +108,14 @@ def new_run_dir(out: Path | None) -> Path:
 
 def library_versions() -> dict[str, str]:
     names = ("rrome-cli", "torch", "transformers", "accelerate", "safetensors", "datasets")
-    return {n: version(n) for n in names} | {"python": platform.python_version()}
+    return {n: _version(n) for n in names} | {"python": platform.python_version()}
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # running from a source tree, or an optional package
+        return "not installed"
 
 
 def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
