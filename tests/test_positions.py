@@ -11,7 +11,7 @@ import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from rrome_cli.engine.positions import answer_tokens, subject_last_token, token_at_char, tokenise
+from rrome_cli.engine.positions import encode_pair, subject_last_token, token_at_char, tokenise
 from rrome_cli.models.tiny import tiny_tokenizer
 
 STYLES = ("byte", "sp")
@@ -71,9 +71,9 @@ def test_special_tokens_are_skipped(style: str) -> None:
     assert subject_last_token(tokens, end) == subject_last_token(plain, end) + 1
     # Character 0 is the text's first character, not the BOS token (offsets (0, 0)).
     assert token_at_char(tokens, 0) == 1
-    prompt = "Danielle Darrieux is"
-    full = tokenise(tok, f"{prompt} English")
-    assert 0 not in answer_tokens(full, len(prompt))
+    pair = encode_pair(tok, "Danielle Darrieux is", "English", [tok.bos_token_id])
+    assert pair.input_ids[0] == tok.bos_token_id and pair.answer_start > 1
+    assert pair.input_ids == tokenise(tok, pair.text).ids
 
 
 @pytest.mark.parametrize(
@@ -90,8 +90,10 @@ def test_answer_tokens(tok: PreTrainedTokenizerFast, prompt: str, answer: str) -
     n_prompt = len(tok(prompt).input_ids)
     assert tok(full_text).input_ids[:n_prompt] == tok(prompt).input_ids
 
-    indices = answer_tokens(tokens, len(prompt))
+    pair = encode_pair(tok, prompt, answer)
+    indices = list(range(pair.answer_start, len(pair.input_ids)))
 
+    assert pair.input_ids == tokens.ids
     assert indices == list(range(n_prompt, len(tokens.ids)))
     assert "".join(piece(tok, tokens.ids[i]) for i in indices) == answer
 

@@ -25,7 +25,14 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import Templated
-from rrome_cli.engine.positions import answer_tokens, pad_id, subject_last_token, tokenise
+from rrome_cli.engine.positions import (
+    Tokenised,
+    encode_pair,
+    pad_id,
+    special_prefix,
+    subject_last_token,
+    tokenise,
+)
 from rrome_cli.models.families import ModuleNames, execution_device, input_device
 
 KL_TEMPLATE = "{} is a"
@@ -74,14 +81,14 @@ def build_batch(
 ) -> Batch:
     rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, subject last index)
     targets: list[tuple[int, int, int]] = []  # (row, index of the token, token id)
+    prefix = special_prefix(tok)
     for r, p in enumerate(prompts):
-        full = tokenise(tok, f"{p.text} {target}")
-        answer = answer_tokens(full, len(p.text))
-        s = subject_last_token(full, p.subject_end)
-        rows.append(
-            (full.ids[: answer[-1]], s)
-        )  # teacher forcing: the last target token is not fed
-        targets += [(r, j, full.ids[j]) for j in answer]
+        # the same tokens evaluation scores: prompt + " " + target, read as a continuation
+        full = encode_pair(tok, p.text, target, prefix)
+        s = subject_last_token(Tokenised(full.input_ids, full.offsets or []), p.subject_end)
+        answer = range(full.answer_start, len(full.input_ids))
+        rows.append((full.input_ids[:-1], s))  # teacher forcing: the last target token is not fed
+        targets += [(r, j, full.input_ids[j]) for j in answer]
     kl = kl_prompt(tok, subject)
     rows.append((kl.tokens.ids, kl.subject_last))
     width_p = max(s for _, s in rows)

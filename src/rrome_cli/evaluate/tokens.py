@@ -21,16 +21,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rrome_cli.engine.positions import pad_id
+from rrome_cli.engine.positions import Encoded, encode_pair, pad_id, special_prefix
 from rrome_cli.models.families import input_device
 
 PaddingSide = Literal["left", "right"]
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]  # special prefix (BOS) + tokens of "prompt answer"
-    answer_start: int  # index in input_ids of the first answer token (>= 1)
 
 
 @dataclass
@@ -51,53 +45,6 @@ class AnswerScore:
     def nll(self) -> float:
         """Length-normalised negative log-likelihood: mean over answer tokens of -log p."""
         return -sum(self.token_logprobs) / len(self.token_logprobs)
-
-
-def special_prefix(tok: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, else none)."""
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    full = tok("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            prefix = list(full[:start])
-            break
-    else:
-        prefix = []
-    if not prefix and getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
-        prefix = [tok.bos_token_id]
-    return prefix
-
-
-def encode_pair(
-    tok: PreTrainedTokenizerBase, prompt: str, answer: str, prefix: Sequence[int] = ()
-) -> Encoded:
-    """Tokenise ``prompt`` followed by ``answer`` as a continuation (one space between them).
-
-    Trailing spaces of the prompt and leading spaces of the answer are dropped first, so
-    ``"English"`` and ``" English"`` give the same tokens.
-    """
-    context, answer = prompt.rstrip(), answer.lstrip()
-    if not answer:
-        raise ValueError(f"empty answer for prompt {prompt!r}")
-    text = f"{context} {answer}"
-    char_start = len(context)  # the separating space belongs to the answer's first token
-    if tok.is_fast:
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
-        first = next(i for i, (_, end) in enumerate(spans) if end > char_start)
-    else:  # no offsets: the answer starts where the prompt's own tokens stop matching
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        context_ids = tok(context, add_special_tokens=False)["input_ids"]
-        first = 0
-        while first < min(len(ids) - 1, len(context_ids)) and ids[first] == context_ids[first]:
-            first += 1
-    first += len(prefix)
-    if first == 0:
-        raise ValueError(
-            f"prompt {prompt!r} is empty and the tokenizer adds no BOS: "
-            "the first answer token has nothing to be predicted from"
-        )
-    return Encoded(list(prefix) + ids, first)
 
 
 def pad_batch(

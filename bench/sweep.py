@@ -1,0 +1,105 @@
+"""Sweep the SmolLM2 recipe: one ``rrome edit`` run (independent mode) per hyperparameter change.
+
+    python bench/sweep.py "stop99: v_stop_prob=0.99, v_num_grad_steps=60" "L3: layers=[3]" \
+        [--requests data/counterfact-sample.jsonl] [--limit 20] [--base hparams/smollm2-135m.yaml]
+
+Each change is applied on top of the base YAML (values are YAML: ``layers=[3]``), run through
+the CLI exactly as a user would, and summarised as one JSON line appended to
+``bench/results/sweep.jsonl`` (post-edit rewrite, rephrase, locality, ES/PS/NS, median steps and
+seconds per edit) and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns")
+
+
+def parse_change(spec: str) -> tuple[str, dict]:
+    """``"name: key=value, key=value"`` -> (name, {key: yaml value})."""
+    name, _, body = spec.partition(":")
+    changes = {}
+    for part in filter(None, (p.strip() for p in _split(body))):
+        key, _, value = part.partition("=")
+        changes[key.strip()] = yaml.safe_load(value)
+    return name.strip(), changes
+
+
+def _split(body: str) -> list[str]:
+    """Split on commas outside brackets, so ``layers=[3, 4]`` stays whole."""
+    parts, depth, current = [], 0, ""
+    for ch in body:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
+
+
+def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
+    out = ROOT / "runs" / "sweep" / name
+    out.mkdir(parents=True, exist_ok=True)
+    hp = yaml.safe_load(args.base.read_text()) | changes
+    hp_path = out / "hparams.yaml"
+    hp_path.write_text(yaml.safe_dump(hp, sort_keys=False))
+    cmd = [
+        sys.executable,
+        "-m",
+        "rrome_cli.cli",
+        "edit",
+        str(args.requests),
+        "--hparams",
+        str(hp_path),
+        "--out",
+        str(out / "run"),
+        "--limit",
+        str(args.limit),
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    records = [json.loads(x) for x in (out / "run" / "report.jsonl").read_text().splitlines()]
+    guards = [r["guard"] for r in records if r.get("status") == "applied"]
+    post = summary["metrics"]["post"]
+    row = {"name": name, "changes": changes, "requests": str(args.requests), "n": len(records)}
+    row |= {m: round(post[m]["mean"], 3) for m in METRICS if m in post}
+    row["steps"] = statistics.median(g["steps"] for g in guards)
+    row["seconds_edit"] = round(
+        statistics.median(
+            g["seconds_keys"] + g["seconds_values"] + g["seconds_solve"] for g in guards
+        ),
+        2,
+    )
+    row["date"] = datetime.now().isoformat(timespec="seconds")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("changes", nargs="+", help='"name: key=value, ..." ("base:" for none)')
+    parser.add_argument("--requests", type=Path, default=ROOT / "data" / "counterfact-sample.jsonl")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--base", type=Path, default=ROOT / "hparams" / "smollm2-135m.yaml")
+    args = parser.parse_args()
+    log = ROOT / "bench" / "results" / "sweep.jsonl"
+    for spec in args.changes:
+        row = run_one(*parse_change(spec), args)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
