@@ -25,6 +25,7 @@ from rrome_cli.evaluate import (
     evaluate_request,
     evaluate_requests,
     first_collapse,
+    first_drift,
     generate,
     n_gram_entropy,
     normalised_word_entropy,
@@ -332,6 +333,11 @@ def test_collapse_rule():
     assert signals[1].threshold == pytest.approx(0.72)
     assert first_collapse(records, 0.80).index == 3
     assert first_collapse(records[:3], 0.80) is None
+    # drift alone is a warning, not a collapse
+    drifting = [records[0], records[1], records[5]]
+    assert first_collapse(drifting, 0.80) is None
+    assert first_drift(drifting).index == 5
+    assert first_drift(records[:5]) is None
 
 
 # ---- summary and report -------------------------------------------------------------------

@@ -41,6 +41,7 @@ from rrome_cli.evaluate import (
     evaluate_request,
     evaluate_requests,
     first_collapse,
+    first_drift,
     probe_entropy,
 )
 from rrome_cli.models.families import execution_device, weight_as_out_in
@@ -349,17 +350,24 @@ def run_edits(
 def sequential_summary(
     state: RunState, records: list[dict[str, Any]], console: Console
 ) -> dict[str, Any]:
-    """Collapse signals of a sequential run: the first one found, if any."""
+    """Collapse (entropy drop or update blow-up) and the drift warning of a sequential run."""
     collapse = first_collapse(records, state.baseline_entropy)
+    drift = first_drift(records)
     if collapse:
         console.print(
             f"[red]collapse at edit {collapse.index}: {collapse.reason} "
             f"({collapse.value:.4g} vs {collapse.threshold:.4g})"
         )
+    if drift:
+        console.print(
+            f"[yellow]warning: from edit {drift.index} the accumulated change ||W - W0||/||W0|| "
+            f"is {drift.value:.3g} (> {drift.threshold:g}); not a collapse by itself"
+        )
     return {
         "baseline_entropy": state.baseline_entropy,
         "collapsed": collapse is not None,
         "collapse": asdict(collapse) if collapse else None,
+        "drift": asdict(drift) if drift else None,
     }
 
 

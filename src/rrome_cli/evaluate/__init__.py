@@ -1,6 +1,11 @@
 """Evaluation of edits: per-request metrics, fluency, collapse signals, summaries, HTML report."""
 
-from rrome_cli.evaluate.collapse import CollapseSignal, collapse_signals, first_collapse
+from rrome_cli.evaluate.collapse import (
+    CollapseSignal,
+    collapse_signals,
+    first_collapse,
+    first_drift,
+)
 from rrome_cli.evaluate.fluency import (
     generate,
     n_gram_entropy,
@@ -21,6 +26,7 @@ __all__ = [
     "evaluate_request",
     "evaluate_requests",
     "first_collapse",
+    "first_drift",
     "generate",
     "n_gram_entropy",
     "normalised_word_entropy",

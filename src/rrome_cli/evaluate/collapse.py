@@ -13,6 +13,11 @@ The rule (an edit is flagged when any part holds):
    far larger than the run's typical update;
 3. drift: ``cumulative_ratio > cumulative_limit`` (default 1.0: the accumulated change is as
    large as the original weight matrix itself).
+
+Only 1 and 2 mean collapse (``first_collapse``): 1 is the definition (generations lose their
+diversity), 2 is the signature of ROME's "disabling" edits. Drift alone is a warning
+(``first_drift``): healthy R-ROME edits on SmolLM2 grow ||W - W0|| / ||W0|| like a random walk,
+about 0.1 sqrt(n), so it passes 1.0 near the hundredth edit with no entropy drop (measured).
 """
 
 from __future__ import annotations
@@ -67,9 +72,18 @@ def collapse_signals(
     return signals
 
 
+COLLAPSE_REASONS = ("entropy", "update blow-up")
+
+
 def first_collapse(
     records: Sequence[Mapping[str, Any]], baseline_entropy: float | None = None, **rule: Any
 ) -> CollapseSignal | None:
-    """The earliest collapse signal, or None if the run never collapsed."""
+    """The earliest entropy or update blow-up signal, or None if the run never collapsed."""
     signals = collapse_signals(records, baseline_entropy, **rule)
-    return signals[0] if signals else None
+    return next((s for s in signals if s.reason in COLLAPSE_REASONS), None)
+
+
+def first_drift(records: Sequence[Mapping[str, Any]], **rule: Any) -> CollapseSignal | None:
+    """The earliest edit whose accumulated change passed the drift limit (a warning)."""
+    signals = collapse_signals(records, None, **rule)
+    return next((s for s in signals if s.reason == "drift"), None)
