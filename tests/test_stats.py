@@ -151,7 +151,7 @@ def test_padding_and_batch_size_do_not_change_c(llama, corpus, tmp_path, monkeyp
     large = run(model, tok, names, corpus, tmp_path / "b", batch_tokens=1024)
     torch.testing.assert_close(small.mom2, large.mom2, rtol=1e-5, atol=1e-7)
 
-    real_pad = stats.pad_batch
+    real_pad = stats.right_padded
 
     def extra_padding(rows, _pad_id, device):
         # 9 more padded positions per row, padded with a real token id, not the pad token.
@@ -160,7 +160,7 @@ def test_padding_and_batch_size_do_not_change_c(llama, corpus, tmp_path, monkeyp
             mask[i, len(row) :] = 0
         return ids, mask
 
-    monkeypatch.setattr(stats, "pad_batch", extra_padding)
+    monkeypatch.setattr(stats, "right_padded", extra_padding)
     padded = run(model, tok, names, corpus, tmp_path / "c", batch_tokens=1024)
     torch.testing.assert_close(padded.mom2, large.mom2, rtol=1e-5, atol=1e-7)
 

@@ -60,8 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
-from rrome_cli.engine.positions import pad_id
-from rrome_cli.engine.positions import right_padded as pad_batch
+from rrome_cli.engine.positions import pad_id, right_padded
 from rrome_cli.models.families import (
     ModuleNames,
     get_module,
@@ -445,10 +444,6 @@ def _resume(path: Path, fresh: _Partial, expected: dict[str, str]) -> _Partial:
     return fresh
 
 
-def _input_device(model: PreTrainedModel) -> torch.device:
-    return input_device(model)
-
-
 def _keys_of(
     model: PreTrainedModel, names: ModuleNames, layer: int, ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -591,7 +586,7 @@ def _accumulate(
     meta = _partial_metadata(key, batch_tokens, rank, world, fresh)
     expected = {k: meta[k] for k in (*KEY_FIELDS, "batch_tokens", "sort_window", "rank", "world")}
     state = _resume(partial_path, fresh, expected)
-    input_device, pad = _input_device(model), pad_id(tok)
+    device, pad = input_device(model), pad_id(tok)
     seen, saved_at = 0, 0  # tokens of the whole stream passed, and at the last save
     with _progress_bar(progress and rank == 0) as bar:
         task = None
@@ -603,7 +598,7 @@ def _accumulate(
             if task is None:
                 task = bar.add_task(f"key stats {key['module']}", total=tokens, completed=saved_at)
             if index % world == rank:
-                ids, mask = pad_batch(batch, pad, input_device)
+                ids, mask = right_padded(batch, pad, device)
                 state.add(_keys_of(model, names, layer, ids, mask), mask)
             state.next_batch = index + 1
             bar.update(task, completed=seen)
