@@ -131,11 +131,16 @@ def _strip_times(record: dict) -> dict:
     return record
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, sequential: bool) -> None:
+@pytest.mark.parametrize(("sequential", "protect"), [(False, 0.0), (True, 0.0), (True, 100.0)])
+def test_resume_after_crash_matches_uninterrupted_run(
+    tmp_path: Path, sequential: bool, protect: float
+) -> None:
+    """Sequential resume re-applies the saved patches and re-protects their keys."""
+    from dataclasses import replace
+
     from rich.console import Console
 
-    hp = load_hparams(shipped_hparams("tiny-llama"))
+    hp = replace(load_hparams(shipped_hparams("tiny-llama")), protect_weight=protect)
     console = Console(stderr=True, quiet=True)
 
     def options(out: Path) -> RunOptions:

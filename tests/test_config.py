@@ -60,6 +60,9 @@ def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
     path.write_text("v_lr: fast\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml: v_lr must be a number"):
         load_hparams(path)
+    path.write_text("protect_weight: -1\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml: protect_weight must be 0"):
+        load_hparams(path)
 
 
 def test_ships_every_model_and_fixture() -> None:

@@ -289,6 +289,44 @@ def test_singular_covariance_gets_a_ridge() -> None:
     assert residual < 1e-5 * torch.linalg.matrix_norm(regularised, 2) * x.double().norm()
 
 
+@pytest.mark.parametrize("identity", [False, True])
+def test_protected_keys_match_float64(identity: bool) -> None:
+    """protect(k, w) solves against C + w m k k^T / ||k||^2, m = mean eigenvalue of C."""
+    d, weight = 40, 30.0
+    gen = torch.Generator().manual_seed(21)
+    c = torch.eye(d, dtype=torch.float64) if identity else random_spd(d, gen)
+    cov = KeyCovariance(None if identity else c.float(), ridge=0.0)
+    earlier = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for k in earlier:
+        cov.protect(k.float(), weight)
+    cov.protect(earlier[0].float(), 0.0)  # weight 0: nothing added
+    m = float(c.diagonal().mean())
+    c_eff = c + sum(weight * m * torch.outer(k, k) / (k @ k) for k in earlier)
+    k_star = torch.randn(d, generator=gen, dtype=torch.float64)
+    fp32_close(cov.solve(k_star.float()), torch.linalg.solve(c_eff, k_star))
+
+
+def test_strongly_protected_keys_are_left_alone_and_the_edit_still_holds() -> None:
+    d = 48
+    gen = torch.Generator().manual_seed(22)
+    c = random_spd(d, gen)
+    w = torch.randn(d + 3, d, generator=gen, dtype=torch.float64)
+    earlier = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(5)]
+    k_star = torch.randn(d, generator=gen, dtype=torch.float64)
+    delta = torch.randn(d + 3, generator=gen, dtype=torch.float64)
+    plain_u, _ = left_vector(KeyCovariance(c.float(), ridge=0.0), k_star.float())
+    cov = KeyCovariance(c.float(), ridge=0.0)
+    for k in earlier:
+        cov.protect(k.float(), 1e9)
+    u, _ = left_vector(cov, k_star.float())
+    w_new = w + torch.outer(right_vector(delta.float(), k_star.float(), u).double(), u.double())
+    fp32_close(w_new @ k_star, w @ k_star + delta)  # the new edit is exact
+    for k in earlier:  # earlier keys: moved by ~1e-9 of the edit, against ~0.1-1 unprotected
+        unprotected = abs(float(plain_u.double() @ k)) / abs(float(plain_u.double() @ k_star))
+        protected = abs(float(u.double() @ k)) / abs(float(u.double() @ k_star))
+        assert protected < 1e-4 < 1e-2 < unprotected
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Edits of real tiny models, every family.
 
@@ -644,18 +682,42 @@ def test_saved_patches_reproduce_sequential_edits(
         assert result.status == "applied", result.reason
         patches += result.patches
     path = tmp_path / "patches.safetensors"
-    save_patches(path, patches)
+    save_patches(path, patches, with_keys=True)
     loaded = load_patches(path)
     assert [(p.layer, p.module, p.dtype, p.request) for p in loaded] == [
         (p.layer, p.module, p.dtype, p.request) for p in patches
     ]
     for saved, original in zip(loaded, patches, strict=True):
         assert torch.equal(saved.left, original.left) and torch.equal(saved.right, original.right)
+        assert torch.equal(saved.keys, original.keys)
+
+    save_patches(tmp_path / "compact.safetensors", patches)  # keys only when asked for
+    assert all(p.keys is None for p in load_patches(tmp_path / "compact.safetensors"))
 
     fresh, _, _ = load(family, dtype)
     for patch in loaded:
         apply_patch(fresh, patch)
     assert_same_weights(fresh, snapshot(model))
+
+
+def test_sequential_edits_with_protection_keep_the_first_value() -> None:
+    """With the first edit's keys protected (k* and the bare prompt's), the second edit leaves
+    W at those keys where the first edit put it."""
+    model, tok, names = load("llama")
+    keys1 = reference_keys(model, tok, names, REQUEST, TEMPLATES).double()  # [0]: bare ("{}")
+    c = random_spd(keys1.shape[1], torch.Generator().manual_seed(23))
+    covariances = {LAYER: KeyCovariance(c.float())}
+    hp = hparams(mom2_adjustment=True)
+    first = edit(model, tok, REQUEST, hp, names, covariances=covariances, templates=TEMPLATES)
+    fp32_close(first.patches[0].keys, torch.stack([keys1.mean(0), keys1[0]]))
+    w1 = w_of(model, names).double()
+    edit_module.protect_edited_keys(first.patches, covariances, 1e9)
+    second = edit(model, tok, SECOND, hp, names, covariances=covariances, templates=TEMPLATES)
+    assert second.status == "applied"
+    w2 = w_of(model, names).double()
+    for k in (keys1.mean(0), keys1[0]):
+        moved = (w2 @ k - w1 @ k).norm() / ((w2 - w1).norm() * k.norm())
+        assert moved < 1e-5
 
 
 def test_load_patches_rejects_other_safetensors(tmp_path: Path) -> None:

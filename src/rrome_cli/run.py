@@ -34,7 +34,7 @@ from rich.progress import (
 )
 
 from rrome_cli.config import HParams, from_dict
-from rrome_cli.engine.edit import EditResult, edit
+from rrome_cli.engine.edit import EditResult, edit, protect_edited_keys
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
 from rrome_cli.evaluate import (
@@ -156,8 +156,9 @@ def prepare_covariances(
     loaded: LoadedModel, hp: HParams, opts: RunOptions
 ) -> tuple[dict[int, KeyCovariance], str]:
     """Key statistics for each edited layer (cached on disk), or C = I."""
-    if not hp.mom2_adjustment:
-        return {}, "identity (mom2_adjustment: false)"
+    if not hp.mom2_adjustment:  # one C = I per layer, which sequential runs may add keys to
+        identity = {layer: KeyCovariance(None) for layer in hp.layers}
+        return identity, "identity (mom2_adjustment: false)"
     from rrome_cli.engine.stats import second_moment_of
 
     covariances, sources = {}, []
@@ -242,10 +243,12 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         record["post"] = post
         state.patches.extend(result.patches)
         if opts.sequential:
+            protect_edited_keys(result.patches, state.covariances, state.hp.protect_weight)
             record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
             if opts.probe_every and (index + 1) % opts.probe_every == 0:
                 record["probe_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
-            save_patches(state.out / "patches.safetensors", state.patches)
+            protected = state.hp.protect_weight > 0  # a resumed run needs the keys back
+            save_patches(state.out / "patches.safetensors", state.patches, with_keys=protected)
         else:
             result.revert(loaded.model)
     record["seconds"] = round(time.perf_counter() - start, 3)
@@ -379,6 +382,7 @@ def reapply_patches(state: RunState) -> None:
         w = weight_as_out_in(state.loaded.model.get_submodule(patch.module))
         state.base_weights.setdefault(patch.module, w.detach().float().clone())
         apply_patch(state.loaded.model, patch)
+    protect_edited_keys(state.patches, state.covariances, state.hp.protect_weight)
 
 
 def _safe_edit(

@@ -124,9 +124,9 @@ def edit_layer(
     t3 = time.perf_counter()
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t4 = time.perf_counter()
-    patch = Patch(
-        layer, module_name, u, right, str(w.dtype), str(request.case_id or request.source)
-    )
+    request_name = str(request.case_id or request.source)
+    written_read = torch.stack([keys[:-1].mean(0), keys[0]]).to(u.device)  # k*, bare prompt
+    patch = Patch(layer, module_name, u, right, str(w.dtype), request_name, written_read)
     return LayerEdit(
         layer=layer,
         module=module_name,
@@ -183,11 +183,23 @@ def edit(
     return result
 
 
+def protect_edited_keys(
+    patches: list[Patch], covariances: dict[int, KeyCovariance], weight: float
+) -> None:
+    """Sequential editing: add each applied patch's keys to its layer's C (``protect_weight``),
+    so the next edits' updates leave these edits' values (nearly) where they are."""
+    for patch in patches:
+        if patch.keys is not None and patch.layer in covariances:
+            for key in patch.keys:
+                covariances[patch.layer].protect(key, weight)
+
+
 def _covariance(
     hp: HParams, covariances: dict[int, KeyCovariance] | None, layer: int
 ) -> KeyCovariance:
-    if not hp.mom2_adjustment:
-        return KeyCovariance(None)
+    if not hp.mom2_adjustment:  # C = I, or the caller's identity with protected keys
+        given = (covariances or {}).get(layer)
+        return given if given is not None and given.identity else KeyCovariance(None)
     if covariances is None or layer not in covariances:
         raise MissingStatisticsError(
             f"mom2_adjustment is true but no key statistics were given for layer {layer}: "

@@ -8,6 +8,7 @@ the weight's own dtype. W is handled as (d_out, d_in) whatever its storage layou
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,14 @@ from rrome_cli.models.families import weight_as_out_in
 
 
 class KeyCovariance:
-    """Solves (C + lambda I) x = k by a Cholesky factor computed once per layer.
+    """Solves (C + lambda I + sum_i w m k_i k_i^T / ||k_i||^2) x = k.
 
-    ``mom2=None`` means C = I (``mom2_adjustment: false``, EasyEdit's default): x = k.
+    C comes from the key statistics (``mom2=None`` means C = I, EasyEdit's default); its
+    Cholesky factor is computed once per layer. The k_i are keys of earlier edits added by
+    ``protect`` (sequential runs): each direction gets w times m, the mean eigenvalue of C, so
+    that later left vectors u = C^-1 k* turn away from it and later updates leave the earlier
+    edit's value alone. Protected keys are folded in by the Woodbury identity, in float64:
+    n keys cost an (n, n) solve, never a new factor.
     """
 
     def __init__(
@@ -29,11 +35,15 @@ class KeyCovariance:
     ):
         self.identity = mom2 is None
         self.ridge = 0.0
+        self.mean_eigenvalue = 1.0
+        self.protected: list[torch.Tensor] = []  # sqrt(w m) k_i / ||k_i||, (d_in,) float64
+        self.c_inv_protected: list[torch.Tensor] = []  # C^-1 of each, (d_in,) float64
         if mom2 is None:
             return
         # One d x d copy of C and its factor: the ridge goes onto the copy's diagonal in place.
         c = mom2.to(device=device, dtype=torch.float32, copy=True)
         scale = c.diagonal().mean().item()
+        self.mean_eigenvalue = scale
         self.ridge = ridge * scale
         c.diagonal().add_(self.ridge)
         factor, info = torch.linalg.cholesky_ex(c)
@@ -45,12 +55,33 @@ class KeyCovariance:
         del c
         self.factor = factor  # lower triangular L, (C + lambda I) = L L^T
 
-    def solve(self, k: torch.Tensor) -> torch.Tensor:
-        """C^-1 k for k of shape (d_in,), fp32."""
+    def protect(self, key: torch.Tensor, weight: float) -> None:
+        """Add ``weight`` m k k^T / ||k||^2 to C: later solves turn away from ``key``."""
+        if weight <= 0:
+            return
+        row = key.double() * math.sqrt(weight * self.mean_eigenvalue) / key.double().norm()
+        self.protected.append(row)
+        self.c_inv_protected.append(self._solve_base(row.float()).double())
+
+    def _solve_base(self, k: torch.Tensor) -> torch.Tensor:
+        """(C + lambda I)^-1 k, fp32."""
         if self.identity:
             return k.clone()
         factor = self.factor.to(k.device)
         return torch.cholesky_solve(k[:, None], factor)[:, 0]
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        """C^-1 k for k of shape (d_in,), fp32 (C with any protected keys)."""
+        x = self._solve_base(k)
+        if not self.protected:
+            return x
+        # Woodbury, P = rows of protected keys (n, d): (C + P^T P)^-1 k
+        #   = x - Z^T (I + P Z^T)^-1 P x, with x = C^-1 k and Z = rows of C^-1 p_i.
+        p = torch.stack(self.protected).to(k.device)  # (n, d_in)
+        z = torch.stack(self.c_inv_protected).to(k.device)  # (n, d_in)
+        inner = torch.eye(len(p), dtype=p.dtype, device=p.device) + p @ z.T  # (n, n)
+        y = torch.linalg.solve(inner, p @ x.double())  # (n,)
+        return (x.double() - z.T @ y).float()
 
 
 def left_vector(cov: KeyCovariance, k_star: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -74,6 +105,9 @@ class Patch:
     right: torch.Tensor  # (d_out,) fp32
     dtype: str  # the weight's dtype, e.g. "torch.bfloat16"
     request: str = ""  # which request made it (case id or source)
+    # (2, d_in): k* (the templates' mean key) and the bare prompt's key, where the edit writes
+    # and where it is read; what later edits protect (``protect_weight``). None: not kept.
+    keys: torch.Tensor | None = None
 
     def delta_w(self, device: torch.device) -> torch.Tensor:
         return torch.outer(self.right.to(device), self.left.to(device))  # (d_out, d_in)
@@ -109,12 +143,15 @@ def revert_patch(model: nn.Module, patch: Patch) -> None:
     apply_update(module, -patch.delta_w(module.weight.device))
 
 
-def save_patches(path: Path, patches: list[Patch]) -> None:
-    """All patches in one safetensors file, written atomically; layout in the metadata."""
+def save_patches(path: Path, patches: list[Patch], with_keys: bool = False) -> None:
+    """All patches in one safetensors file, written atomically; layout in the metadata.
+    ``with_keys`` also stores each patch's keys (what a resumed, protected run needs)."""
     tensors, meta = {}, []
     for i, p in enumerate(patches):
         tensors[f"{i}.left"] = p.left.detach().float().cpu().contiguous()
         tensors[f"{i}.right"] = p.right.detach().float().cpu().contiguous()
+        if with_keys and p.keys is not None:
+            tensors[f"{i}.keys"] = p.keys.detach().float().cpu().contiguous()
         meta.append({"layer": p.layer, "module": p.module, "dtype": p.dtype, "request": p.request})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"rrome_patches": json.dumps(meta)})
@@ -137,6 +174,7 @@ def load_patches(path: Path) -> list[Patch]:
             tensors[f"{i}.right"],
             m["dtype"],
             m.get("request", ""),
+            tensors.get(f"{i}.keys"),
         )
         for i, m in enumerate(meta)
     ]
