@@ -87,6 +87,7 @@ class Recorded:
     values: list[torch.Tensor]  # v_i = W_{i-1} k_i + delta_i
     deltas: list[torch.Tensor]
     mom2: torch.Tensor
+    ridge: float  # the run's mom2_ridge
     unedited: list[Reference]
 
 
@@ -114,7 +115,9 @@ def read_run(run: Path, limit: int | None) -> Recorded:
         w_run += torch.outer(p.right, p.left)
     mom2 = second_moment_of(lm, layer, tokens=hp.mom2_n_samples).mom2
     unedited = [ref for _, ref in evaluate_requests(lm.model, lm.tok, requests)]
-    return Recorded(lm, requests, weight_view, w0, keys, bare, values, deltas, mom2, unedited)
+    return Recorded(
+        lm, requests, weight_view, w0, keys, bare, values, deltas, mom2, hp.mom2_ridge, unedited
+    )
 
 
 def measure(
@@ -183,8 +186,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     rec = read_run(args.run, args.limit)
-    run_ridge = from_dict(json.loads((args.run / "run.json").read_text())["hparams"]).mom2_ridge
-    ridges = [float(x) for x in args.ridges.split(",")] if args.ridges else [run_ridge]
+    ridges = [float(x) for x in args.ridges.split(",")] if args.ridges else [rec.ridge]
     for ridge in ridges:
         for weight in (float(x) for x in args.weights.split(",")):
             row = measure(rec, ridge, weight, args.protect, args.split, args.immediate)

@@ -86,9 +86,11 @@ class MissingStatisticsError(ValueError):
     pass
 
 
-def _keys_for_variant(keys: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key for u, key for the residual and denominator); keys: (n_templates, d_in)."""
-    k_star, k_prompt = keys.mean(0), keys[0]
+def _keys_for_variant(
+    k_star: torch.Tensor, k_prompt: torch.Tensor, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key for u, key for the residual and denominator), from the templates' mean key k* and
+    the bare prompt's key."""
     if variant == "r-rome":
         return k_star, k_star
     if variant == "rome":
@@ -113,7 +115,8 @@ def edit_layer(
     prompts = [templated(tok, request, t) for t in templates]  # prompts[0]: the bare prompt
     # keys of every templated prompt and of the KL prompt: (n_templates + 1, d_in) fp32
     keys = keys_at(model, tok, names, layer, [*prompts, kl_prompt(tok, request.subject)])
-    k_left, k_ref = _keys_for_variant(keys[:-1], hp.variant)
+    k_star, k_prompt = keys[:-1].mean(0), keys[0]  # the last row is the KL prompt's
+    k_left, k_ref = _keys_for_variant(k_star, k_prompt, hp.variant)
     t1 = time.perf_counter()
     u, denominator = left_vector(cov, k_left)  # (d_in,)
     row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
@@ -125,7 +128,7 @@ def edit_layer(
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t4 = time.perf_counter()
     request_name = str(request.case_id or request.source)
-    written_read = torch.stack([keys[:-1].mean(0), keys[0]]).to(u.device)  # k*, bare prompt
+    written_read = torch.stack([k_star, k_prompt]).to(u.device)  # where it writes, is read
     patch = Patch(layer, module_name, u, right, str(w.dtype), request_name, written_read)
     return LayerEdit(
         layer=layer,
