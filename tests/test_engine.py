@@ -172,6 +172,24 @@ def reference_keys(
     return output_at_subject(model, tok, w_module, request, templates, read_input=True)
 
 
+@torch.no_grad()
+def reference_keys_after_subject(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, names: ModuleNames, request: EditRequest
+) -> torch.Tensor:
+    """W's input at every token after the subject of "prompt target", the target's last token
+    not fed (teacher forcing): (n_after, d_in) fp32."""
+    text, subject_end = template_text(request, "{}")
+    ids = tok(f"{text} {request.target_new}").input_ids[:-1]
+    captured: list[torch.Tensor] = []
+    w_module = model.get_submodule(names.rewrite(LAYER))
+    hook = w_module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        model(input_ids=torch.tensor([ids]))
+    finally:
+        hook.remove()
+    return captured[0][0, subject_last_index(tok, text, subject_end) + 1 :].float()
+
+
 def mlp_outputs(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -701,21 +719,23 @@ def test_saved_patches_reproduce_sequential_edits(
 
 
 def test_sequential_edits_with_protection_keep_the_first_value() -> None:
-    """With the first edit's keys protected (k* and the bare prompt's), the second edit leaves
-    W at those keys where the first edit put it."""
+    """With the first edit's keys protected (k*, the bare prompt's and those after the subject
+    in "prompt target"), the second edit leaves W at those keys where the first edit put it."""
     model, tok, names = load("llama")
     keys1 = reference_keys(model, tok, names, REQUEST, TEMPLATES).double()  # [0]: bare ("{}")
+    after = reference_keys_after_subject(model, tok, names, REQUEST).double()
+    assert len(after) >= 1  # " is" at least
     c = random_spd(keys1.shape[1], torch.Generator().manual_seed(23))
     covariances = {LAYER: KeyCovariance(c.float())}
     hp = hparams(mom2_adjustment=True)
     first = edit(model, tok, REQUEST, hp, names, covariances=covariances, templates=TEMPLATES)
-    fp32_close(first.patches[0].keys, torch.stack([keys1.mean(0), keys1[0]]))
+    fp32_close(first.patches[0].keys, torch.cat([torch.stack([keys1.mean(0), keys1[0]]), after]))
     w1 = w_of(model, names).double()
     edit_module.protect_edited_keys(first.patches, covariances, 1e9)
     second = edit(model, tok, SECOND, hp, names, covariances=covariances, templates=TEMPLATES)
     assert second.status == "applied"
     w2 = w_of(model, names).double()
-    for k in (keys1.mean(0), keys1[0]):
+    for k in (keys1.mean(0), keys1[0], *after):
         moved = (w2 @ k - w1 @ k).norm() / ((w2 - w1).norm() * k.norm())
         assert moved < 1e-5
 

@@ -60,10 +60,11 @@ class HParams:
     mom2_n_samples: int = 100_000  # token budget of the statistics pass
     mom2_dtype: str = "float32"
     mom2_ridge: float = 1e-6  # lambda = mom2_ridge * mean(diag C), for the Cholesky solve
-    # Sequential runs: each applied edit's keys (k* and the bare prompt's) join C as
+    # Sequential runs: each applied edit's keys (k*, the bare prompt's, and every key after
+    # the subject in "bare prompt + target", where the fact is read out) join C as
     # w m k k^T / ||k||^2 (m: C's mean eigenvalue), so later updates turn away from them and
-    # leave that edit's value in place. 0 is R-ROME as published: every later update also
-    # moves the earlier edits' keys.
+    # leave that edit in place. 0 is R-ROME as published: every later update also moves the
+    # earlier edits' keys.
     protect_weight: float = 0.0
     context_template_length_params: list[list[int]] = field(
         default_factory=lambda: [[5, 10], [10, 10]]

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.keys import keys_at, templated
+from rrome_cli.engine.keys import keys_after_subject, keys_at, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
@@ -116,6 +116,8 @@ def edit_layer(
     # keys of every templated prompt and of the KL prompt: (n_templates + 1, d_in) fp32
     keys = keys_at(model, tok, names, layer, [*prompts, kl_prompt(tok, request.subject)])
     k_star, k_prompt = keys[:-1].mean(0), keys[0]  # the last row is the KL prompt's
+    # (n_after, d_in): where "bare prompt + target" reads the new fact out, kept for protection
+    k_after = keys_after_subject(model, tok, names, layer, prompts[0], request.target_new)
     k_left, k_ref = _keys_for_variant(k_star, k_prompt, hp.variant)
     t1 = time.perf_counter()
     u, denominator = left_vector(cov, k_left)  # (d_in,)
@@ -128,7 +130,8 @@ def edit_layer(
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t4 = time.perf_counter()
     request_name = str(request.case_id or request.source)
-    written_read = torch.stack([k_star, k_prompt]).to(u.device)  # where it writes, is read
+    # where the edit writes and where it is read: what a protected sequential run keeps
+    written_read = torch.cat([torch.stack([k_star, k_prompt]), k_after]).to(u.device)
     patch = Patch(layer, module_name, u, right, str(w.dtype), request_name, written_read)
     return LayerEdit(
         layer=layer,

@@ -14,8 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rrome_cli.engine.hooks import capture_input, stop_after
 from rrome_cli.engine.positions import (
     Tokenised,
+    encode_pair,
     pad_id,
     right_padded,
+    special_prefix,
     subject_last_token,
     tokenise,
 )
@@ -42,6 +44,20 @@ def templated(tok: PreTrainedTokenizerBase, request: EditRequest, template: str)
     return Templated(prompt_text, tokens, subject_end, subject_last_token(tokens, subject_end))
 
 
+def _w_inputs(
+    model: PreTrainedModel, names: ModuleNames, layer: int, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """W's input at every position, (batch, seq, d_in) in the model's dtype; the forward stops
+    right after ``layer``."""
+    captured: list[torch.Tensor] = []
+    with (
+        capture_input(model.get_submodule(names.rewrite(layer)), captured.append),
+        stop_after(model.get_submodule(names.layer(layer))),
+    ):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return captured[0]
+
+
 @torch.no_grad()
 def keys_at(
     model: PreTrainedModel,
@@ -51,19 +67,34 @@ def keys_at(
     prompts: list[Templated],
 ) -> torch.Tensor:
     """The key at each prompt's subject last token: (n_prompts, d_in), fp32 on W's device."""
-    w_module = model.get_submodule(names.rewrite(layer))
-    device = input_device(model)
     # Right padding keeps every real token at its own position; causal attention means the
     # padding after a prompt cannot change the keys we read.
-    ids, mask = right_padded([p.tokens.ids for p in prompts], pad_id(tok), device)
-    captured: list[torch.Tensor] = []
-    with (
-        capture_input(w_module, captured.append),
-        stop_after(model.get_submodule(names.layer(layer))),
-    ):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    k_all = captured[0]  # (batch, seq, d_in), model dtype
+    ids, mask = right_padded([p.tokens.ids for p in prompts], pad_id(tok), input_device(model))
+    k_all = _w_inputs(model, names, layer, ids, mask)
     rows = torch.arange(len(prompts), device=k_all.device)
     cols = torch.tensor([p.subject_last for p in prompts], device=k_all.device)
-    w_device = execution_device(w_module)
+    w_device = execution_device(model.get_submodule(names.rewrite(layer)))
     return k_all[rows, cols].float().to(w_device)
+
+
+@torch.no_grad()
+def keys_after_subject(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    layer: int,
+    prompt: Templated,
+    target: str,
+) -> torch.Tensor:
+    """The keys at every token after the subject of ``prompt`` followed by ``target``, as
+    evaluation feeds it (teacher forcing: the target's last token is not fed): the relation
+    (" writes in") and the target's own tokens, where the new fact is read out. (n_after, d_in)
+    fp32 on W's device; (0, d_in) when the subject is the last token fed."""
+    full = encode_pair(tok, prompt.text, target, special_prefix(tok))
+    subject_last = subject_last_token(
+        Tokenised(full.input_ids, full.offsets or []), prompt.subject_end
+    )
+    ids, mask = right_padded([full.input_ids[:-1]], pad_id(tok), input_device(model))
+    k_all = _w_inputs(model, names, layer, ids, mask)
+    w_device = execution_device(model.get_submodule(names.rewrite(layer)))
+    return k_all[0, subject_last + 1 :].float().to(w_device)

@@ -105,8 +105,9 @@ class Patch:
     right: torch.Tensor  # (d_out,) fp32
     dtype: str  # the weight's dtype, e.g. "torch.bfloat16"
     request: str = ""  # which request made it (case id or source)
-    # (2, d_in): k* (the templates' mean key) and the bare prompt's key, where the edit writes
-    # and where it is read; what later edits protect (``protect_weight``). None: not kept.
+    # (n, d_in): k* (the templates' mean key), the bare prompt's key and its keys after the
+    # subject: where the edit writes and where it is read; what later edits protect
+    # (``protect_weight``). None: not kept.
     keys: torch.Tensor | None = None
 
     def delta_w(self, device: torch.device) -> torch.Tensor:
