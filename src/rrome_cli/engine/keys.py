@@ -91,9 +91,7 @@ def keys_after_subject(
     (" writes in") and the target's own tokens, where the new fact is read out. (n_after, d_in)
     fp32 on W's device; (0, d_in) when the subject is the last token fed."""
     full = encode_pair(tok, prompt.text, target, special_prefix(tok))
-    subject_last = subject_last_token(
-        Tokenised(full.input_ids, full.offsets or []), prompt.subject_end
-    )
+    subject_last = full.subject_last(prompt.subject_end)
     ids, mask = right_padded([full.input_ids[:-1]], pad_id(tok), input_device(model))
     k_all = _w_inputs(model, names, layer, ids, mask)
     w_device = execution_device(model.get_submodule(names.rewrite(layer)))

@@ -57,6 +57,10 @@ class Encoded:
     text: str  # "prompt answer" as tokenised (the prompt's trailing spaces dropped)
     offsets: list[tuple[int, int]] | None  # character spans in ``text``; None: slow tokenizer
 
+    def subject_last(self, subject_end: int) -> int:
+        """The subject's last token in "prompt answer" (``subject_end``: in the prompt)."""
+        return subject_last_token(Tokenised(self.input_ids, self.offsets or []), subject_end)
+
 
 def encode_pair(
     tok: PreTrainedTokenizerBase, prompt: str, answer: str, prefix: Sequence[int] = ()

@@ -26,7 +26,6 @@ from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
-    Tokenised,
     encode_pair,
     pad_id,
     special_prefix,
@@ -85,7 +84,7 @@ def build_batch(
     for r, p in enumerate(prompts):
         # the same tokens evaluation scores: prompt + " " + target, read as a continuation
         full = encode_pair(tok, p.text, target, prefix)
-        s = subject_last_token(Tokenised(full.input_ids, full.offsets or []), p.subject_end)
+        s = full.subject_last(p.subject_end)
         answer = range(full.answer_start, len(full.input_ids))
         rows.append((full.input_ids[:-1], s))  # teacher forcing: the last target token is not fed
         targets += [(r, j, full.input_ids[j]) for j in answer]
