@@ -837,3 +837,9 @@ def test_stop_rules() -> None:
     assert not _reached(tiny_loss, nll, HParams(v_stop="target", v_stop_prob=0.9))
     good = -torch.log(torch.tensor([0.95, 0.9, 0.9]))
     assert _reached(torch.tensor(3.0), good, HParams(v_stop="target", v_stop_prob=0.9))
+    # mean 0.9 with one template at 0.8: enough for "target", not for "every"
+    uneven = -torch.log(torch.tensor([0.95, 0.95, 0.8]))
+    assert _reached(torch.tensor(3.0), uneven, HParams(v_stop="target", v_stop_prob=0.9))
+    assert not _reached(torch.tensor(3.0), uneven, HParams(v_stop="every", v_stop_prob=0.9))
+    all_above = -torch.log(torch.tensor([0.95, 0.92, 0.91]))
+    assert _reached(torch.tensor(3.0), all_above, HParams(v_stop="every", v_stop_prob=0.9))

@@ -48,7 +48,8 @@ class HParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     # Early stop: "loss" stops when the total loss < v_stop_loss (ROME); "target" stops when
-    # the bare prompt, and the templated prompts on average, give the target v_stop_prob.
+    # the bare prompt, and the templated prompts on average, give the target v_stop_prob;
+    # "every" stops when each prompt (bare and every template) gives it v_stop_prob.
     v_stop: str = "loss"
     v_stop_loss: float = 5e-2
     v_stop_prob: float = 0.9
@@ -84,8 +85,8 @@ class HParams:
             )
         if self.fact_token != "subject_last":
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
-        if self.v_stop not in ("loss", "target"):
-            raise HParamsError(f"v_stop must be 'loss' or 'target', got {self.v_stop!r}")
+        if self.v_stop not in ("loss", "target", "every"):
+            raise HParamsError(f"v_stop must be 'loss', 'target' or 'every', got {self.v_stop!r}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.protect_weight < 0:

@@ -304,8 +304,11 @@ def _value_loss(
 def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
     """v_stop "loss": ROME's stop, the total loss below v_stop_loss. "target": the target's
     mean token probability is v_stop_prob or more on the bare prompt (row 0) and on average
-    over the templated prompts, whatever the KL term says."""
+    over the templated prompts, whatever the KL term says. "every": it is v_stop_prob or more
+    on each prompt."""
     if hp.v_stop == "loss":
         return loss.item() < hp.v_stop_loss
     prob = torch.exp(-nll_each)  # (n_rewrite,)
+    if hp.v_stop == "every":
+        return prob.min().item() >= hp.v_stop_prob
     return prob[0].item() >= hp.v_stop_prob and prob.mean().item() >= hp.v_stop_prob
