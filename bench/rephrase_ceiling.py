@@ -1,0 +1,140 @@
+"""Two reference points for issue 7's rephrase target (>= 0.6) on SmolLM2 and CounterFact.
+
+1. ``natural``: the unedited model's own transfer. Of the records whose prompt it answers with
+   the true object (teacher-forced token accuracy 1), how many rephrased prompts yield that
+   object too? A model that does not carry its own true facts over to these rephrasings can
+   hardly be asked to carry a new one over more often.
+2. ``oracle``: an edit whose value is optimised on the shipped prompts *and on the rephrased
+   prompt itself* (the test prompt leaks: a diagnostic, never a recipe), with the shipped layer,
+   key and left vector, until every prompt reaches v_stop_prob. Its rephrase accuracy bounds what
+   any value at the subject's last token can do for these prompts through this rank-one update.
+
+    python bench/rephrase_ceiling.py [--n 30] [--natural 500] [--steps 80]
+
+Prints one JSON object and appends it to ``bench/results/rephrase-ceiling.jsonl``; per-record
+rows go to ``runs/rephrase-ceiling/records.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from key_transfer import rephrased  # noqa: E402
+
+from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
+from rrome_cli.engine.keys import keys_at, templated  # noqa: E402
+from rrome_cli.engine.templates import generate_templates  # noqa: E402
+from rrome_cli.engine.update import (  # noqa: E402
+    KeyCovariance,
+    Patch,
+    apply_patch,
+    left_vector,
+    restore_weight,
+    right_vector,
+)
+from rrome_cli.engine.values import ValueResult, kl_prompt, optimise_delta  # noqa: E402
+from rrome_cli.evaluate.metrics import evaluate_request  # noqa: E402
+from rrome_cli.evaluate.tokens import score_answers  # noqa: E402
+from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
+from rrome_cli.requests import EditRequest, read_requests  # noqa: E402
+from rrome_cli.run import RunOptions, prepare_covariances  # noqa: E402
+
+
+def natural_transfer(lm: LoadedModel, requests: list[EditRequest]) -> dict[str, float]:
+    """Rephrase accuracy of the *true* object, over records whose prompt yields it."""
+    pairs = [(r.text, r.ground_truth) for r in requests]
+    pairs += [(r.rephrase_prompts[0], r.ground_truth) for r in requests]
+    scores = score_answers(lm.model, lm.tok, pairs)
+    prompt, rephrase = scores[: len(requests)], scores[len(requests) :]
+    known = [i for i, s in enumerate(prompt) if s.accuracy == 1.0]
+    return {
+        "n": len(requests),
+        "prompt_true_acc": statistics.mean(s.accuracy for s in prompt),
+        "rephrase_true_acc": statistics.mean(s.accuracy for s in rephrase),
+        "n_known": len(known),
+        "rephrase_true_acc_given_known": statistics.mean(rephrase[i].accuracy for i in known),
+    }
+
+
+def oracle_patch(
+    lm: LoadedModel, hp: HParams, request: EditRequest, cov: KeyCovariance, templates: list[str]
+) -> tuple[Patch, ValueResult]:
+    """The shipped key and u; the value optimised with the rephrased prompt among the prompts."""
+    layer = hp.layers[0]
+    prompts = [templated(lm.tok, request, t) for t in templates]  # prompts[0]: bare
+    prompts += rephrased(lm.tok, request)
+    kl = kl_prompt(lm.tok, request.subject)
+    keys = keys_at(lm.model, lm.tok, lm.names, layer, [*prompts, kl])  # (n + 1, d_in)
+    k_star = keys[: len(templates)].mean(0)  # the templates' mean, as shipped
+    u, _ = left_vector(cov, k_star)
+    row_scale = (keys @ u) / (k_star @ u)  # what the update will add at each row
+    value = optimise_delta(
+        lm.model, lm.tok, lm.names, layer, prompts, request.target_new, request.subject, hp,
+        row_scale=row_scale,
+    )  # fmt: skip
+    right = right_vector(value.delta, k_star, u)
+    return Patch(layer, lm.names.rewrite(layer), u, right, "oracle"), value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30, help="records edited by the oracle")
+    parser.add_argument("--natural", type=int, default=500, help="records for natural transfer")
+    parser.add_argument("--steps", type=int, default=80, help="oracle's step cap")
+    parser.add_argument("--clamp", type=float, default=None, help="oracle's clamp_norm_factor")
+    args = parser.parse_args()
+    lm = load_model()
+    hp = load_hparams(shipped_hparams("smollm2-135m"))
+    source = SHARED / "counterfact" / "counterfact-edit.json"
+    requests = list(read_requests(source, skip_invalid=True, limit=max(args.n, args.natural)))
+    result: dict = {"date": datetime.now().isoformat(timespec="seconds"), "source": str(source)}
+    result["natural"] = natural_transfer(lm, requests[: args.natural])
+    print(json.dumps(result["natural"]), flush=True)
+
+    changes = {"v_stop": "every", "v_num_grad_steps": args.steps}
+    changes["clamp_norm_factor"] = args.clamp or hp.clamp_norm_factor
+    oracle_hp = HParams(**(hp.to_dict() | changes))
+    cov = prepare_covariances(lm, hp, RunOptions(requests=""))[0][hp.layers[0]]
+    templates = generate_templates(lm.model, lm.tok, hp.context_template_length_params)
+    out_dir = ROOT / "runs" / "rephrase-ceiling"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with (out_dir / "records.jsonl").open("w") as f:
+        for request in requests[: args.n]:
+            _, reference = evaluate_request(lm.model, lm.tok, request)
+            patch, value = oracle_patch(lm, oracle_hp, request, cov, templates)
+            original = apply_patch(lm.model, patch)
+            post, _ = evaluate_request(lm.model, lm.tok, request, reference)
+            restore_weight(lm.model.get_submodule(patch.module), original)
+            row = {"case_id": request.case_id, "steps": value.steps, **post}
+            row["delta_ratio"] = float(value.delta.norm() / value.z.norm())
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    result["oracle"] = {
+        "n": len(rows),
+        "hparams": changes,
+        **{
+            m: statistics.mean(r[m] for r in rows)
+            for m in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps")
+        },
+        "steps_median": statistics.median(r["steps"] for r in rows),
+        "rephrase_below_1": sum(r["rephrase_acc"] < 1 for r in rows),
+        "delta_ratio_median": statistics.median(r["delta_ratio"] for r in rows),
+    }
+    print(json.dumps(result), flush=True)
+    with (ROOT / "bench" / "results" / "rephrase-ceiling.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
