@@ -122,7 +122,7 @@ def main() -> None:
             f.flush()
     result["oracle"] = {
         "n": len(rows),
-        "hparams": changes,
+        "hparams": changes | {"v_lr": oracle_hp.v_lr},
         **{
             m: statistics.mean(r[m] for r in rows)
             for m in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps")
