@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 VARIANTS = ("r-rome", "rome", "p-rome")
+V_STOPS = ("loss", "target", "every")  # engine.values._reached implements each
 # Keys EasyEdit reads but that do nothing for us: the device comes from --devices, the loss is
 # always read at the LM head, and sharding comes from the device map.
 IGNORED_KEYS = {
@@ -85,8 +86,8 @@ class HParams:
             )
         if self.fact_token != "subject_last":
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
-        if self.v_stop not in ("loss", "target", "every"):
-            raise HParamsError(f"v_stop must be 'loss', 'target' or 'every', got {self.v_stop!r}")
+        if self.v_stop not in V_STOPS:
+            raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.protect_weight < 0:
