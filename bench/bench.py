@@ -32,6 +32,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stats import bench_stats  # noqa: E402
+from rephrase_split import LABELS, rephrase_by_case, split  # noqa: E402
 
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.edit import edit  # noqa: E402
@@ -98,8 +99,16 @@ def memory(loaded: LoadedModel, hp: HParams, request: EditRequest) -> dict[str, 
     return {"measured_bytes": peak, "predicted_bytes": predicted, "ratio": peak / predicted}
 
 
-def quality(loaded: LoadedModel, hp: HParams, path: Path, out: Path, **opts: Any) -> dict:
+def quality(
+    loaded: LoadedModel, hp: HParams, path: Path, out: Path, labelled: bool = False, **opts: Any
+) -> dict:
+    """The run's summary; ``labelled`` (CounterFact): with rephrase split by whether the
+    rephrased prompt asks the same question (bench/counterfact-rephrase-labels.json)."""
     run_dir, summary = run_edits(loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET)
+    if labelled:
+        labels = json.loads(LABELS.read_text())["same_question"]
+        scores = rephrase_by_case(run_dir / "report.jsonl", "post")
+        summary["rephrase_by_label"] = split(scores, labels)
     return summary
 
 
@@ -151,7 +160,11 @@ def main() -> None:
             for data, path in (("counterfact", cf_path), ("zsre", zsre_path)):
                 console.print(f"quality: {name} on {data} ...")
                 results["quality"][f"{name} | {data}"] = quality(
-                    loaded, h, path, tmp / f"q-{name}-{data}".replace(" ", "")
+                    loaded,
+                    h,
+                    path,
+                    tmp / f"q-{name}-{data}".replace(" ", ""),
+                    labelled=data == "counterfact",
                 )
         console.print("sequential ...")
         seq_path = requests_file(cf, "counterfact", 0, n_seq, tmp)
@@ -161,6 +174,7 @@ def main() -> None:
             hp,
             seq_path,
             seq_out,
+            labelled=True,
             sequential=True,
             retrospective=True,
             probe_every=max(1, n_seq // 10),
@@ -194,6 +208,16 @@ def _m(summary: dict, phase: str, metric: str) -> str:
     return f"{m['mean']:.3f} [{m['low']:.2f},{m['high']:.2f}]" if m else "-"
 
 
+def _label_rows(t: Table, name: str, summary: dict) -> None:
+    """Rephrase post on the labelled records whose rephrase asks the same question / another."""
+    for group, r in summary.get("rephrase_by_label", {}).items():
+        if group != "all labelled":
+            t.add_row(
+                f"{name}: rephrase_acc post, {group} (n {r['n']})",
+                f"{r['mean']:.3f} [{r['low']:.2f},{r['high']:.2f}]",
+            )
+
+
 def table(results: dict[str, Any]) -> Table:
     t = Table(title=f"rrome bench ({'quick' if results['quick'] else 'full'}), SmolLM2-135M, CPU")
     t.add_column("what")
@@ -225,9 +249,11 @@ def table(results: dict[str, Any]) -> Table:
                 _m(summary, "post", metric),
             )
         t.add_row(f"{name}: S post", f"{summary['score'].get('post') or float('nan'):.3f}")
+        _label_rows(t, name, summary)
     q = results["sequential"]
     for metric in ("rewrite_acc", "rephrase_acc", "locality"):
         t.add_row(f"sequential {q['n_records']}: {metric} immediate", _m(q, "post", metric))
+    _label_rows(t, "sequential (immediate)", q)
     t.add_row(
         f"sequential: retrospective rewrite, first {q['retro_first_n']}",
         f"{q['retro_rewrite_first']:.3f}",

@@ -8,11 +8,15 @@
    prompt itself* (the test prompt leaks: a diagnostic, never a recipe), with the shipped layer,
    key and left vector, until every prompt reaches v_stop_prob. Its rephrase accuracy bounds what
    any value at the subject's last token can do for these prompts through this rank-one update.
+3. ``--extra inserts``: a data-free try at the same, with the shipped hyperparameters: the value
+   is also optimised on the bare prompt with words inserted after the subject ("The mother
+   tongue of Danielle Darrieux, as is well known, is"), so that it must survive other words
+   between the subject and the question. No test prompt is used.
 
-    python bench/rephrase_ceiling.py [--n 30] [--natural 500] [--steps 80]
+    python bench/rephrase_ceiling.py [--n 30] [--natural 500] [--steps 80] [--extra inserts]
 
 Prints one JSON object and appends it to ``bench/results/rephrase-ceiling.jsonl``; per-record
-rows go to ``runs/rephrase-ceiling/records.jsonl``.
+rows go to ``runs/rephrase-ceiling/{oracle,inserts}-records.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "bench"))
 
 from key_transfer import rephrased  # noqa: E402
+from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
-from rrome_cli.engine.keys import keys_at, templated  # noqa: E402
+from rrome_cli.engine.keys import Templated, keys_at, templated  # noqa: E402
+from rrome_cli.engine.positions import subject_last_token, tokenise  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
 from rrome_cli.engine.update import (  # noqa: E402
     KeyCovariance,
@@ -65,13 +71,33 @@ def natural_transfer(lm: LoadedModel, requests: list[EditRequest]) -> dict[str, 
     }
 
 
+INSERTS = (", as is well known,", " (see above)", ", in fact,", ", according to most sources,")
+
+
+def inserted(tok: PreTrainedTokenizerBase, request: EditRequest) -> list[Templated]:
+    """The bare prompt with each of INSERTS after the subject, the subject located."""
+    end = request.prompt.index("{}") + len(request.subject)
+    out = []
+    for words in INSERTS:
+        text = request.prompt.replace("{}", request.subject + words)
+        tokens = tokenise(tok, text)
+        out.append(Templated(text, tokens, end, subject_last_token(tokens, end)))
+    return out
+
+
 def oracle_patch(
-    lm: LoadedModel, hp: HParams, request: EditRequest, cov: KeyCovariance, templates: list[str]
+    lm: LoadedModel,
+    hp: HParams,
+    request: EditRequest,
+    cov: KeyCovariance,
+    templates: list[str],
+    extra: str = "rephrase",
 ) -> tuple[Patch, ValueResult]:
-    """The shipped key and u; the value optimised with the rephrased prompt among the prompts."""
+    """The shipped key and u; the value optimised with the ``extra`` prompts among the prompts:
+    the rephrased prompt (the oracle) or the inserts."""
     layer = hp.layers[0]
     prompts = [templated(lm.tok, request, t) for t in templates]  # prompts[0]: bare
-    prompts += rephrased(lm.tok, request)
+    prompts += (rephrased if extra == "rephrase" else inserted)(lm.tok, request)
     kl = kl_prompt(lm.tok, request.subject)
     keys = keys_at(lm.model, lm.tok, lm.names, layer, [*prompts, kl])  # (n + 1, d_in)
     k_star = keys[: len(templates)].mean(0)  # the templates' mean, as shipped
@@ -91,27 +117,35 @@ def main() -> None:
     parser.add_argument("--natural", type=int, default=500, help="records for natural transfer")
     parser.add_argument("--steps", type=int, default=80, help="oracle's step cap")
     parser.add_argument("--clamp", type=float, default=None, help="oracle's clamp_norm_factor")
+    parser.add_argument(
+        "--extra", choices=("rephrase", "inserts"), default="rephrase",
+        help="rephrase: the oracle; inserts: shipped hparams + words after the subject",
+    )  # fmt: skip
     args = parser.parse_args()
     lm = load_model()
     hp = load_hparams(shipped_hparams("smollm2-135m"))
     source = SHARED / "counterfact" / "counterfact-edit.json"
     requests = list(read_requests(source, skip_invalid=True, limit=max(args.n, args.natural)))
     result: dict = {"date": datetime.now().isoformat(timespec="seconds"), "source": str(source)}
-    result["natural"] = natural_transfer(lm, requests[: args.natural])
-    print(json.dumps(result["natural"]), flush=True)
+    if args.natural:
+        result["natural"] = natural_transfer(lm, requests[: args.natural])
+        print(json.dumps(result["natural"]), flush=True)
 
-    changes = {"v_stop": "every", "v_num_grad_steps": args.steps}
-    changes["clamp_norm_factor"] = args.clamp or hp.clamp_norm_factor
-    oracle_hp = HParams(**(hp.to_dict() | changes))
+    changes: dict = {}
+    if args.extra == "rephrase":
+        changes = {"v_stop": "every", "v_num_grad_steps": args.steps}
+        changes["clamp_norm_factor"] = args.clamp or hp.clamp_norm_factor
+    edit_hp = HParams(**(hp.to_dict() | changes))
     cov = prepare_covariances(lm, hp, RunOptions(requests=""))[0][hp.layers[0]]
     templates = generate_templates(lm.model, lm.tok, hp.context_template_length_params)
+    name = "oracle" if args.extra == "rephrase" else "inserts"
     out_dir = ROOT / "runs" / "rephrase-ceiling"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    with (out_dir / "records.jsonl").open("w") as f:
+    with (out_dir / f"{name}-records.jsonl").open("w") as f:
         for request in requests[: args.n]:
             _, reference = evaluate_request(lm.model, lm.tok, request)
-            patch, value = oracle_patch(lm, oracle_hp, request, cov, templates)
+            patch, value = oracle_patch(lm, edit_hp, request, cov, templates, args.extra)
             original = apply_patch(lm.model, patch)
             post, _ = evaluate_request(lm.model, lm.tok, request, reference)
             restore_weight(lm.model.get_submodule(patch.module), original)
@@ -120,9 +154,9 @@ def main() -> None:
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
-    result["oracle"] = {
+    result[name] = {
         "n": len(rows),
-        "hparams": changes | {"v_lr": oracle_hp.v_lr},
+        "hparams": changes | {"v_lr": edit_hp.v_lr},
         **{
             m: statistics.mean(r[m] for r in rows)
             for m in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps")
