@@ -85,6 +85,18 @@ def test_skip_invalid_edits_the_valid_records(tmp_path: Path) -> None:
     assert "bad-requests.jsonl:4" in result.stderr  # each skip is reported
 
 
+def test_edit_into_a_finished_run_exits_2_and_keeps_its_report(tmp_path: Path) -> None:
+    """A second run with the same --out would append to the first run's report."""
+    out = tmp_path / "run"
+    args = ("edit", str(SAMPLE), "--model", "tiny-llama", "--limit", "1", "--out", str(out))
+    assert run(*args).exit_code == 0
+    before = (out / "report.jsonl").read_text()
+    result = run(*args)
+    assert result.exit_code == 2
+    assert "--resume" in result.stderr and str(out) in result.stderr
+    assert (out / "report.jsonl").read_text() == before
+
+
 def test_unknown_hparams_key_exits_2_with_suggestion(tmp_path: Path) -> None:
     bad = tmp_path / "h.yaml"
     bad.write_text("layers: [1]\nv_lrr: 0.5\n")

@@ -38,6 +38,7 @@ BAD_INPUT = (
     UnknownArchitectureError,
     MemcheckError,
     FileNotFoundError,
+    FileExistsError,
 )
 
 # Options shared by several commands.

@@ -285,6 +285,12 @@ def run_edits(
 
     out = new_run_dir(resume or opts.out)
     report_path = out / "report.jsonl"
+    if not resume and report_path.exists() and report_path.stat().st_size:
+        # appending would mix two runs in one report and summary
+        raise FileExistsError(
+            f"{out} already holds a run (report.jsonl): continue it with --resume {out}, "
+            "or choose another --out"
+        )
     previous = done_records(report_path) if resume else []
     if resume:
         report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
