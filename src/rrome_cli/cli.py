@@ -220,7 +220,7 @@ def edit_cmd(
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
     from rrome_cli.config import VARIANTS
     from rrome_cli.models.loading import load_model
-    from rrome_cli.run import RunOptions, load_run, run_edits
+    from rrome_cli.run import RunOptions, load_run, refuse_finished_run, run_edits
 
     def body() -> None:
         nonlocal model
@@ -253,6 +253,7 @@ def edit_cmd(
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
             )
+            refuse_finished_run(out)  # before the model loads
         device_map = check_memory(model, dtype, devices, max_memory, hp, force)
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)

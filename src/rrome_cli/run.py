@@ -107,6 +107,17 @@ def new_run_dir(out: Path | None) -> Path:
     return out
 
 
+def refuse_finished_run(out: Path | None) -> None:
+    """A new run never appends to another run's report (that would mix two runs in one
+    report and summary): raise if ``out`` already holds one."""
+    report = None if out is None else out / "report.jsonl"
+    if report is not None and report.exists() and report.stat().st_size:
+        raise FileExistsError(
+            f"{out} already holds a run (report.jsonl): continue it with --resume {out}, "
+            "or choose another --out"
+        )
+
+
 def library_versions() -> dict[str, str]:
     names = ("rrome-cli", "torch", "transformers", "accelerate", "safetensors", "datasets")
     return {n: _version(n) for n in names} | {"python": platform.python_version()}
@@ -285,12 +296,8 @@ def run_edits(
 
     out = new_run_dir(resume or opts.out)
     report_path = out / "report.jsonl"
-    if not resume and report_path.exists() and report_path.stat().st_size:
-        # appending would mix two runs in one report and summary
-        raise FileExistsError(
-            f"{out} already holds a run (report.jsonl): continue it with --resume {out}, "
-            "or choose another --out"
-        )
+    if not resume:
+        refuse_finished_run(out)
     previous = done_records(report_path) if resume else []
     if resume:
         report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
