@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rrome_cli.engine import stats
+from rrome_cli.engine.positions import pad_id, right_padded
 from rrome_cli.models.families import num_layers
 from rrome_cli.models.loading import LoadedModel, load_model
 
@@ -33,7 +34,7 @@ def _full_forward_seconds(
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            ids, mask = stats.pad_batch(batch, 0, device)
+            ids, mask = right_padded(batch, pad_id(loaded.tok), device)
             loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
     return time.perf_counter() - start
 
