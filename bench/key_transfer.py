@@ -35,17 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RIDGES = {"C": None, "C+0.01": 1e-2, "C+0.1": 1e-1, "C+1": 1.0, "I": "identity"}
 
 
-def rephrased(tok, request: EditRequest) -> list[Templated]:  # noqa: ANN001
-    """The request's rephrased prompts that contain the subject, the subject located."""
+def located(tok, texts: list[str], subject: str) -> list[Templated]:  # noqa: ANN001
+    """Each of ``texts`` that contains ``subject``, tokenised, the subject's first occurrence
+    located."""
     out = []
-    for text in request.rephrase_prompts:
-        start = text.find(request.subject)
+    for text in texts:
+        start = text.find(subject)
         if start < 0:
             continue
         tokens = tokenise(tok, text)
-        end = start + len(request.subject)
+        end = start + len(subject)
         out.append(Templated(text, tokens, end, subject_last_token(tokens, end)))
     return out
+
+
+def rephrased(tok, request: EditRequest) -> list[Templated]:  # noqa: ANN001
+    """The request's rephrased prompts that contain the subject, the subject located."""
+    return located(tok, request.rephrase_prompts, request.subject)
 
 
 def every_token(lm, layer: int, text: str) -> torch.Tensor:  # noqa: ANN001

@@ -32,12 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "bench"))
 
-from key_transfer import rephrased  # noqa: E402
+from key_transfer import located, rephrased  # noqa: E402
 from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.keys import Templated, keys_at, templated  # noqa: E402
-from rrome_cli.engine.positions import subject_last_token, tokenise  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
 from rrome_cli.engine.update import (  # noqa: E402
     KeyCovariance,
@@ -76,13 +75,8 @@ INSERTS = (", as is well known,", " (see above)", ", in fact,", ", according to 
 
 def inserted(tok: PreTrainedTokenizerBase, request: EditRequest) -> list[Templated]:
     """The bare prompt with each of INSERTS after the subject, the subject located."""
-    end = request.prompt.index("{}") + len(request.subject)
-    out = []
-    for words in INSERTS:
-        text = request.prompt.replace("{}", request.subject + words)
-        tokens = tokenise(tok, text)
-        out.append(Templated(text, tokens, end, subject_last_token(tokens, end)))
-    return out
+    texts = [request.prompt.replace("{}", request.subject + words) for words in INSERTS]
+    return located(tok, texts, request.subject)
 
 
 def oracle_patch(
@@ -108,7 +102,9 @@ def oracle_patch(
         row_scale=row_scale,
     )  # fmt: skip
     right = right_vector(value.delta, k_star, u)
-    return Patch(layer, lm.names.rewrite(layer), u, right, "oracle"), value
+    module = lm.names.rewrite(layer)
+    dtype = str(lm.model.get_submodule(module).weight.dtype)
+    return Patch(layer, module, u, right, dtype, request=f"{extra}:{request.case_id}"), value
 
 
 def main() -> None:
