@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rrome_cli.config import HParams
+from rrome_cli.config import HParams, HParamsError
 from rrome_cli.engine import edit as edit_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
+from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import keys_at, templated
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
@@ -613,7 +614,12 @@ def check_suffix_runner(
 
     assert batch.target_ids.tolist() == [t for _, _, t in targets]
     assert batch.n_rewrite == len(templates)
-    runner = SuffixRunner(model, batch)
+    # the blocks below the edited layer run on the first pass only; later passes reuse them
+    runner = SuffixRunner(model, batch, [names.layer(i) for i in range(LAYER)])
+    block0_calls: list[int] = []
+    hook0 = model.get_submodule(names.layer(0)).register_forward_pre_hook(
+        lambda *_: block0_calls.append(1)
+    )
 
     def add_delta(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
@@ -635,6 +641,11 @@ def check_suffix_runner(
         at = torch.tensor([[r, p] for r, p, _ in targets])
         logits = model.get_output_embeddings()(expected[at[:, 0], at[:, 1]]).float()
         fp32_close(logp, torch.log_softmax(logits, -1), rtol=1e-4)
+    hook0.remove()
+    assert len(block0_calls) == 1
+    assert isinstance(
+        model.get_submodule(names.layer(0)), type(model.get_submodule(names.layer(LAYER)))
+    )
 
 
 def test_suffix_pass_matches_full_forward(family: str) -> None:
@@ -645,6 +656,36 @@ def test_suffix_pass_with_subject_first_in_the_prompt(family: str) -> None:
     model, tok, _ = load(family)
     assert subject_last_index(tok, FIRST_TOKEN.text, len("The")) == 0  # empty prefix row
     check_suffix_runner(family, FIRST_TOKEN, TEMPLATES, passes=2)
+
+
+def test_suffix_pass_skips_the_blocks_below(family: str) -> None:
+    """Edited layer 3 of 4: blocks 0-2 run once; later passes (delta changing at layer 3)
+    equal a pass that computes every block."""
+    model, tok, names = load(family)
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    batch = build_batch(tok, prompts, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
+    fast = SuffixRunner(model, batch, [names.layer(i) for i in range(3)])
+    full = SuffixRunner(model, batch)
+    block0_calls: list[int] = []
+    handle = model.get_submodule(names.layer(0)).register_forward_pre_hook(
+        lambda *_: block0_calls.append(1)
+    )
+    mlp = model.get_submodule(names.mlp(3))
+    try:
+        for seed in (1, 2, 3):
+            delta = random_delta(model.config.hidden_size, seed=seed)
+            with torch.no_grad(), edit_output(mlp, lambda out, d=delta: shifted(out, d)):
+                calls = len(block0_calls)
+                got = fast.hidden()
+                assert len(block0_calls) == calls + (seed == 1)  # only the first pass
+                fp32_close(got, full.hidden(), rtol=1e-5)
+    finally:
+        handle.remove()
+    assert type(model.get_submodule(names.layer(0))) is type(model.get_submodule(names.layer(3)))
+
+
+def shifted(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.cat([out[:, :1] + delta, out[:, 1:]], dim=1)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -843,3 +884,39 @@ def test_stop_rules() -> None:
     assert not _reached(torch.tensor(3.0), uneven, HParams(v_stop="every", v_stop_prob=0.9))
     all_above = -torch.log(torch.tensor([0.95, 0.92, 0.91]))
     assert _reached(torch.tensor(3.0), all_above, HParams(v_stop="every", v_stop_prob=0.9))
+
+
+def test_k_bare_min_must_be_a_fraction() -> None:
+    with pytest.raises(HParamsError, match="k_bare_min"):
+        HParams(k_bare_min=0)
+    with pytest.raises(HParamsError, match="k_bare_min"):
+        HParams(k_bare_min=1.5)
+
+
+def test_mean_key_leans_to_the_bare_prompt_until_it_gets_its_fraction() -> None:
+    """k_bare_min: against a float64 solve, the bare prompt receives at least bare_min of the
+    edit ((u . k_bare) / (u . k*), u = C^-1 k*), and not much more (the least lean); a key mix
+    that already gives it that keeps the plain mean."""
+    from rrome_cli.engine.edit import mean_key
+
+    d, gen = 16, torch.Generator().manual_seed(7)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    spread = torch.logspace(2, -2, d, dtype=torch.float64)  # variance along each basis vector
+    c = basis @ torch.diag(spread) @ basis.T
+    cov = KeyCovariance(c.float())
+    # the bare key in the high-variance directions (C^-1 shrinks it), templates in the low ones
+    k_bare = basis[:, :3] @ torch.tensor([30.0, 20.0, 10.0], dtype=torch.float64)
+    k_templates = basis[:, 8:] @ torch.randn(d - 8, 10, generator=gen, dtype=torch.float64)
+    keys = torch.cat([k_bare[None], k_templates.T + 0.1 * k_bare]).float()  # (11, d)
+
+    def fraction(k_star: torch.Tensor) -> float:
+        u = torch.linalg.solve(c, k_star.double())
+        return float(u @ k_bare / (u @ k_star.double()))
+
+    assert torch.equal(mean_key(cov, keys, None), keys.mean(0))
+    plain = fraction(keys.mean(0))
+    assert plain < 0.2
+    for bare_min in (0.5, 0.9):
+        k_star = mean_key(cov, keys, bare_min)
+        assert bare_min - 1e-4 <= fraction(k_star) <= bare_min + 1e-3
+    assert torch.equal(mean_key(cov, keys, plain * 0.9), keys.mean(0))

@@ -54,6 +54,11 @@ class HParams:
     v_stop: str = "loss"
     v_stop_loss: float = 5e-2
     v_stop_prob: float = 0.9
+    # The least fraction of delta the bare prompt receives, (u . k_bare) / (u . k*). When the
+    # subject opens the prompt its key sits at the first positions, far (in C^-1) from the
+    # templates' keys, and the plain mean may give it a few percent of the edit. Below this
+    # fraction, k* leans from the mean toward k_bare just far enough. None: the plain mean.
+    k_bare_min: float | None = None
     # false (ROME, EasyEdit): the same delta is added at every templated prompt. true: prompt i
     # gets (u . k_i) / (u . k*) delta, what the rank-one update will really add there, so the
     # optimised value is the one the edited model reproduces (the bare prompt included).
@@ -90,6 +95,8 @@ class HParams:
             raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
+        if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
+            raise HParamsError("k_bare_min must be in (0, 1] (or null: the plain mean)")
         if self.protect_weight < 0:
             raise HParamsError("protect_weight must be 0 (off) or positive")
         if not self.layers:

@@ -452,9 +452,9 @@ def trace_value_step(
     """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``.
 
     Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
-    no-grad hidden states and KL reference, then optimisation steps: suffix forward with delta
-    added at the subject's last token, fp32 log-softmax at the target rows and the KL row,
-    backward into delta, Adam.
+    output of the blocks below the edit and the KL reference, then optimisation steps: suffix
+    forward with delta added at the subject's last token, fp32 log-softmax at the target rows
+    and the KL row, backward into delta, Adam.
     """
     mlp = model.get_submodule(names.mlp(layer))
     head = model.get_output_embeddings()
@@ -464,7 +464,7 @@ def trace_value_step(
         tracker.set_phase("prefix")
         batch = _meta_batch(geo)
         runner = SuffixRunner(model, batch)
-        hidden0 = torch.zeros(geo.rows, geo.suffix, d_out, dtype=dtype, device="meta")  # noqa: F841
+        below_out = torch.zeros(geo.rows, geo.suffix, d_out, dtype=dtype, device="meta")  # noqa: F841
         kl_ref = torch.zeros(1, vocab, device="meta")
         z = torch.ones(d_out, device="meta")
         delta = torch.zeros_like(z, requires_grad=True)

@@ -86,6 +86,31 @@ class MissingStatisticsError(ValueError):
     pass
 
 
+def mean_key(cov: KeyCovariance, keys: torch.Tensor, bare_min: float | None) -> torch.Tensor:
+    """k* from the templated prompts' keys (n_templates, d_in), row 0 the bare prompt's.
+
+    Their mean, unless the bare prompt would then receive less than ``bare_min`` of delta:
+    then k* = b k_bare + (1 - b) mean, the least b (bisection) that gives it ``bare_min``.
+    With u = C^-1 k*, the fraction is (u . k_bare) / (u . k*); it is 1 at b = 1.
+    """
+    k_bare, k_mean = keys[0], keys.mean(0)
+    if bare_min is None:
+        return k_mean
+    c_bare, c_mean = cov.solve(k_bare), cov.solve(k_mean)  # C^-1 k, (d_in,)
+
+    def fraction(b: float) -> float:
+        u = b * c_bare + (1 - b) * c_mean
+        return float(u @ k_bare) / float(u @ (b * k_bare + (1 - b) * k_mean))
+
+    if fraction(0.0) >= bare_min:
+        return k_mean
+    low, high = 0.0, 1.0
+    for _ in range(20):  # b to within 1e-6
+        mid = (low + high) / 2
+        low, high = (low, mid) if fraction(mid) >= bare_min else (mid, high)
+    return high * k_bare + (1 - high) * k_mean
+
+
 def _keys_for_variant(
     k_star: torch.Tensor, k_prompt: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +140,7 @@ def edit_layer(
     prompts = [templated(tok, request, t) for t in templates]  # prompts[0]: the bare prompt
     # keys of every templated prompt and of the KL prompt: (n_templates + 1, d_in) fp32
     keys = keys_at(model, tok, names, layer, [*prompts, kl_prompt(tok, request.subject)])
-    k_star, k_prompt = keys[:-1].mean(0), keys[0]  # the last row is the KL prompt's
+    k_star, k_prompt = mean_key(cov, keys[:-1], hp.k_bare_min), keys[0]  # last row: KL prompt's
     # (n_after, d_in): where "bare prompt + target" reads the new fact out, kept for protection
     k_after = keys_after_subject(model, tok, names, layer, prompts[0], request.target_new)
     k_left, k_ref = _keys_for_variant(k_star, k_prompt, hp.variant)

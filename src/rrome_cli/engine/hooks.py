@@ -61,3 +61,33 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
         yield
     finally:
         handle.remove()
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder block: returns its input, or a fixed output (the real one)."""
+
+    def __init__(self, output: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return (
+            self.output
+            if self.output is not None
+            else (args[0] if args else kwargs["hidden_states"])
+        )
+
+
+@contextmanager
+def blocks_replaced(model: nn.Module, blocks: list[str], output: torch.Tensor) -> Iterator[None]:
+    """Run forwards without computing ``blocks`` (the first decoder blocks, in order): all but
+    the last pass their input on, the last returns ``output``, their real output computed
+    before. The models' own loop over blocks is left as it is."""
+    originals = [model.get_submodule(name) for name in blocks]
+    for i, name in enumerate(blocks):
+        model.set_submodule(name, _Passthrough(output if i == len(blocks) - 1 else None))
+    try:
+        yield
+    finally:
+        for name, block in zip(blocks, originals, strict=True):
+            model.set_submodule(name, block)

@@ -8,7 +8,9 @@ Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each ste
 Nothing below layer l, nor at positions before the subject's last token, depends on delta. So
 each prompt is split at its subject's last token: the prefix runs once per edit into a KV cache,
 and each optimisation step runs only the short suffix (subject token, rest of prompt, target).
-Logits are computed only where the loss reads them, in fp32.
+The decoder blocks below layer l see no delta either: their output at the suffix is computed on
+the first pass and the later passes start above them. Logits are computed only where the loss
+reads them, in fp32.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.hooks import edit_output
+from rrome_cli.engine.hooks import blocks_replaced, edit_output
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
     encode_pair,
@@ -32,7 +34,12 @@ from rrome_cli.engine.positions import (
     subject_last_token,
     tokenise,
 )
-from rrome_cli.models.families import ModuleNames, execution_device, input_device
+from rrome_cli.models.families import (
+    ModuleNames,
+    execution_device,
+    input_device,
+    weight_as_out_in,
+)
 
 KL_TEMPLATE = "{} is a"
 
@@ -135,10 +142,18 @@ def frozen(model: PreTrainedModel) -> Iterator[None]:
 
 
 class SuffixRunner:
-    """Runs the suffix of every prompt on top of a once-computed prefix KV cache."""
+    """Runs the suffix of every prompt on top of a once-computed prefix KV cache.
 
-    def __init__(self, model: PreTrainedModel, batch: Batch) -> None:
+    ``blocks_below``: names of the decoder blocks under the edited layer, in order. delta does
+    not reach them, so their output at the suffix is computed on the first pass and reused.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, batch: Batch, blocks_below: list[str] | None = None
+    ) -> None:
         self.model, self.batch = model, batch
+        self.blocks_below = blocks_below or []
+        self.below_out: torch.Tensor | None = None  # (B, S, d) once the first pass ran
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache()  # plain layers: our prompts are far shorter than any window
@@ -162,6 +177,26 @@ class SuffixRunner:
 
     def hidden(self) -> torch.Tensor:
         """Final hidden states of the suffix tokens: (B, S, d)."""
+        with self._blocks_below():
+            return self._suffix_pass()
+
+    @contextmanager
+    def _blocks_below(self) -> Iterator[None]:
+        if not self.blocks_below:
+            yield
+        elif self.below_out is None:
+            last = self.model.get_submodule(self.blocks_below[-1])
+            with edit_output(last, self._keep_below):
+                yield
+        else:
+            with blocks_replaced(self.model, self.blocks_below, self.below_out):
+                yield
+
+    def _keep_below(self, out: torch.Tensor) -> torch.Tensor:
+        self.below_out = out.detach()
+        return out
+
+    def _suffix_pass(self) -> torch.Tensor:
         b = self.batch
         if self.prefix_len == 0:
             # Nothing cached to reuse (every subject is its prompt's first token). Running with
@@ -232,31 +267,31 @@ def optimise_delta(
     batch = build_batch(tok, prompts, target, subject, input_device(model))
 
     with frozen(model):
-        runner = SuffixRunner(model, batch)
-        z_all: list[torch.Tensor] = []
-        with torch.no_grad(), edit_output(mlp, lambda out: z_all.append(out[:, 0]) or out):
-            hidden0 = runner.hidden()
-        z = z_all[0][0].float().to(mlp_device)  # (d_out,) bare prompt, subject's last token
-        kl_ref = runner.log_probs(
-            hidden0, torch.tensor([batch.n_rewrite]), torch.tensor([0])
-        ).detach()
-
-        delta = torch.zeros_like(z, requires_grad=True)
+        runner = SuffixRunner(model, batch, [names.layer(i) for i in range(layer)])
+        d_out = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[0]
+        delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        max_norm = hp.clamp_norm_factor * z.norm()
-
         scale = torch.ones(batch.suffix_ids.shape[0]) if row_scale is None else row_scale
         scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (B, 1, 1)
+        z_seen: list[torch.Tensor] = []
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:
             # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row.
+            if not z_seen:  # the first pass runs at delta = 0: the unedited output is z
+                z_seen.append(out[0, 0].detach().float().to(mlp_device))
             return torch.cat([out[:, :1] + (scale * delta).to(out.dtype), out[:, 1:]], dim=1)
 
         steps, step_times = 0, []
+        kl_rows, kl_cols = torch.tensor([batch.n_rewrite]), torch.tensor([0])
         for _ in range(hp.v_num_grad_steps):
             t_step = time.perf_counter()
             with edit_output(mlp, add_delta):
                 hidden = runner.hidden()
+            if steps == 0:
+                # delta is still 0: this pass is the unedited model, the KL reference and z
+                kl_ref = runner.log_probs(hidden, kl_rows, kl_cols).detach()
+                z = z_seen[0]  # (d_out,) bare prompt, subject's last token
+                max_norm = hp.clamp_norm_factor * z.norm()
             loss, nll_each = _value_loss(runner, batch, hidden, kl_ref, delta, z, hp)
             if _reached(loss, nll_each, hp):
                 break
