@@ -18,9 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rrome_cli.evaluate.summary import summarise
+from sweep import METRICS  # bench/ is this script's directory, first on sys.path
 
-METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns")
+from rrome_cli.evaluate.summary import summarise
 
 
 def read(path: Path) -> list[dict]:

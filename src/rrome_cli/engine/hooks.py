@@ -71,11 +71,9 @@ class _Passthrough(nn.Module):
         self.output = output
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return (
-            self.output
-            if self.output is not None
-            else (args[0] if args else kwargs["hidden_states"])
-        )
+        if self.output is not None:
+            return self.output
+        return args[0] if args else kwargs["hidden_states"]
 
 
 @contextmanager
