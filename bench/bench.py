@@ -6,8 +6,9 @@
 Prints one table and writes ``bench/results/<date>.json`` with the machine and library versions.
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
 statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
-independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome) and a
-sequential run (immediate and retrospective metrics, update norms, entropy, collapse).
+independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome; and
+r-rome with CounterFact's relation phrasings) and a sequential run (immediate and retrospective
+metrics, update norms, entropy, collapse).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+PHRASINGS = ROOT / "data" / "counterfact-phrasings.json"
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stats import bench_stats  # noqa: E402
-from rephrase_split import LABELS, rephrase_by_case, split  # noqa: E402
+from rephrase_split import LABELS, rephrase_by_case, split, with_seen_phrasing  # noqa: E402
 
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.edit import edit  # noqa: E402
@@ -107,8 +109,9 @@ def quality(
     run_dir, summary = run_edits(loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET)
     if labelled:
         labels = json.loads(LABELS.read_text())["same_question"]
-        scores = rephrase_by_case(run_dir / "report.jsonl", "post")
-        summary["rephrase_by_label"] = split(scores, labels)
+        report = run_dir / "report.jsonl"
+        scores = rephrase_by_case(report, "post")
+        summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(report))
     return summary
 
 
@@ -166,6 +169,10 @@ def main() -> None:
                     tmp / f"q-{name}-{data}".replace(" ", ""),
                     labelled=data == "counterfact",
                 )
+        console.print("quality: r-rome + C, relation phrasings, on counterfact ...")
+        results["quality"]["r-rome + C, --phrasings | counterfact"] = quality(
+            loaded, hp, cf_path, tmp / "q-phrasings", labelled=True, phrasings=str(PHRASINGS)
+        )
         console.print("sequential ...")
         seq_path = requests_file(cf, "counterfact", 0, n_seq, tmp)
         seq_out = tmp / "seq"

@@ -2,6 +2,7 @@
 
     python bench/sweep.py "stop99: v_stop_prob=0.99, v_num_grad_steps=60" "L3: layers=[3]" \
         [--requests data/counterfact-sample.jsonl] [--limit 20] [--base hparams/smollm2-135m.yaml]
+        [--phrasings data/counterfact-phrasings.json]
 
 Each change is applied on top of the base YAML (values are YAML: ``layers=[3]``), run through
 the CLI exactly as a user would, and summarised as one JSON line appended to
@@ -67,6 +68,7 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
         str(out / "run"),
         "--limit",
         str(args.limit),
+        *(["--phrasings", str(args.phrasings)] if args.phrasings else []),
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "run" / "summary.json").read_text())
@@ -74,6 +76,8 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
     guards = [r["guard"] for r in records if r.get("status") == "applied"]
     post = summary["metrics"]["post"]
     row = {"name": name, "changes": changes, "requests": str(args.requests), "n": len(records)}
+    if args.phrasings:
+        row["phrasings"] = str(args.phrasings)
     row |= {m: round(post[m]["mean"], 3) for m in METRICS if m in post}
     row["steps"] = statistics.median(g["steps"] for g in guards)
     row["seconds_edit"] = round(
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("changes", nargs="+", help='"name: key=value, ..." ("base:" for none)')
     parser.add_argument("--requests", type=Path, default=ROOT / "data" / "counterfact-sample.jsonl")
     parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--phrasings", type=Path, help="passed on to rrome edit --phrasings")
     parser.add_argument("--base", type=Path, default=ROOT / "hparams" / "smollm2-135m.yaml")
     args = parser.parse_args()
     log = ROOT / "bench" / "results" / "sweep.jsonl"

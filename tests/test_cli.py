@@ -46,6 +46,7 @@ def test_help_lists_commands_and_real_options() -> None:
         "--variant",
         "--max-update-ratio",
         "--save-model",
+        "--phrasings",
     ):
         assert option in edit_help, option
     assert "--max-memory" in run("memcheck", "--help").stdout
@@ -300,3 +301,28 @@ def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     records = [json.loads(x) for x in (same / "report.jsonl").read_text().splitlines()]
     assert all(r["post"]["locality"] == 1.0 and r["post"] == r["pre"] for r in records)
+
+
+def test_phrasings_table_reaches_the_report(tmp_path: Path) -> None:
+    """--phrasings fills a request's relation phrasings; the report records what was used."""
+    table = DATA / "counterfact-phrasings.json"
+    args = ("--model", "tiny-llama", "--limit", "2", "--phrasings", str(table))
+    result = run("edit", str(SAMPLE), *args, "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.stderr
+    first = json.loads((tmp_path / "run" / "report.jsonl").read_text().splitlines()[0])
+    assert "{} is a native speaker of" in first["request"]["phrasings"]
+    assert first["status"] == "applied"
+    options = json.loads((tmp_path / "run" / "run.json").read_text())["options"]
+    assert options["phrasings"].endswith("counterfact-phrasings.json")
+
+
+def test_bad_phrasings_table_exits_2_before_any_edit(tmp_path: Path) -> None:
+    table = tmp_path / "phrasings.json"
+    table.write_text('[["The capital of {} is", "no slot here"]]')
+    result = run(
+        "edit", str(SAMPLE), "--model", "tiny-llama", "--phrasings", str(table),
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert str(table) in result.stderr
+    assert not (tmp_path / "run" / "report.jsonl").exists()

@@ -21,7 +21,7 @@ from rrome_cli.config import HParams, HParamsError
 from rrome_cli.engine import edit as edit_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
 from rrome_cli.engine.hooks import edit_output
-from rrome_cli.engine.keys import keys_at, templated
+from rrome_cli.engine.keys import keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
@@ -219,7 +219,7 @@ def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
 def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
     """Replace the value optimisation: layer -> a given delta."""
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, scale=None) -> ValueResult:  # noqa: ANN001
+    def fake(model, tok, names, layer, prompts, target, subject, hp, *scale) -> ValueResult:  # noqa: ANN001
         delta = delta_for(layer)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
@@ -920,3 +920,74 @@ def test_mean_key_leans_to_the_bare_prompt_until_it_gets_its_fraction() -> None:
         k_star = mean_key(cov, keys, bare_min)
         assert bare_min - 1e-4 <= fraction(k_star) <= bare_min + 1e-3
     assert torch.equal(mean_key(cov, keys, plain * 0.9), keys.mean(0))
+
+
+def test_phrasings_join_the_value_prompts_but_not_k_star(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's other phrasings are optimised with the value, bare, each row scaled by what
+    the update will add there; k* (so u) is the templates' mean as without them; max_phrasings
+    caps how many are used."""
+    model, tok, names = load("llama")
+    phrasings = ["{} is a native speaker of", "Where {} is from, people speak", "{} spoke"]
+    with_them = EditRequest(**{**vars(REQUEST), "phrasings": phrasings})
+    seen: list[tuple[list[str], torch.Tensor]] = []
+
+    def fake(model, tok, names, layer, prompts, target, subject, hp, scale, phrasings):  # noqa: ANN001, ANN202
+        seen.append(([p.text for p in [*prompts, *phrasings]], scale))
+        delta = torch.ones(model.config.hidden_size)
+        return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
+
+    monkeypatch.setattr(edit_module, "optimise_delta", fake)
+    hp = hparams(v_realized_delta=True, max_phrasings=2)
+    plain = edit(model, tok, REQUEST, hp, names, templates=TEMPLATES)
+    plain.revert(model)
+    phrased_edit = edit(model, tok, with_them, hp, names, templates=TEMPLATES)
+    phrased_edit.revert(model)
+
+    (texts_plain, _), (texts, scale) = seen
+    bare_phrasings = [p.replace("{}", REQUEST.subject) for p in phrasings[:2]]
+    assert texts == [*texts_plain, *bare_phrasings]
+    fp32_close(phrased_edit.patches[0].left, plain.patches[0].left, rtol=1e-6)
+    # each phrasing's row gets (u . k_phrasing) / (u . k*): its key read at its subject
+    u = phrased_edit.patches[0].left
+    k_star = reference_keys(model, tok, names, REQUEST, TEMPLATES).mean(0)
+    k_phrasings = keys_at(
+        model, tok, names, LAYER, [phrased(tok, REQUEST.subject, p) for p in phrasings[:2]]
+    )
+    expected = (k_phrasings @ u) / (k_star @ u)
+    assert scale.shape == (len(TEMPLATES) + 2 + 1,)  # templates, phrasings, the KL prompt
+    fp32_close(scale[len(TEMPLATES) : -1], expected, rtol=1e-4)
+    assert seen[1][0][len(TEMPLATES)] == "Danielle Darrieux is a native speaker of"
+
+
+def test_phrased_prompt_locates_the_subject() -> None:
+    _, tok, _ = load("gpt2")
+    p = phrased(tok, "Danielle Darrieux", "Where {} is from, people speak")
+    assert p.text == "Where Danielle Darrieux is from, people speak"
+    assert p.subject_last == subject_last_index(tok, p.text, p.subject_end)
+    assert p.text[: p.subject_end].endswith("Darrieux")
+
+
+def test_max_phrasings_is_a_count() -> None:
+    with pytest.raises(HParamsError, match="max_phrasings"):
+        HParams(max_phrasings=-1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_phrasings_in_their_own_batch_optimise_as_one_batch(family: str) -> None:
+    """The phrasings run as a second padded batch; delta and the per-prompt NLL come out as
+    when every prompt shares one batch (same rows, same order, same row scales)."""
+    from rrome_cli.engine.values import optimise_delta
+
+    model, tok, names = load(family)
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    texts = ["{} is a native speaker of", "Where {} is from, people speak the language"]
+    phrasings = [phrased(tok, REQUEST.subject, p) for p in texts]
+    scale = torch.linspace(0.5, 1.5, len(prompts) + len(phrasings) + 1)
+    hp = hparams(v_num_grad_steps=3, v_lr=0.5)
+    args = (model, tok, names, LAYER)
+    apart = optimise_delta(*args, prompts, "English", REQUEST.subject, hp, scale, phrasings)
+    together = optimise_delta(*args, [*prompts, *phrasings], "English", REQUEST.subject, hp, scale)
+    assert apart.steps == together.steps == 3
+    fp32_close(apart.delta, together.delta, rtol=1e-4)
+    assert apart.nll == pytest.approx(together.nll, rel=1e-4)
+    assert apart.loss == pytest.approx(together.loss, rel=1e-4)

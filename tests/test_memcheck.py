@@ -298,3 +298,15 @@ def test_an_edit_across_cpu_and_disk_offload_equals_the_single_device_edit() -> 
     torch.testing.assert_close(ours.left, theirs.left)
     torch.testing.assert_close(ours.right, theirs.right)
     torch.testing.assert_close(edited, model.model.layers[1].mlp.down_proj.weight.detach())
+
+
+def test_relation_phrasings_add_value_rows(offline) -> None:
+    """--phrasings: up to max_phrasings more prompts in the value step, nothing else."""
+    from rrome_cli.memcheck import estimate_geometry
+
+    hp = load_hparams(shipped_hparams("llama2-7b"))
+    assert estimate_geometry(hp, phrasings=6).rows == estimate_geometry(hp).rows + 6
+    plain = plan("llama2-7b", "bf16", None, {0: "80GiB"}, hp)
+    phrased = plan("llama2-7b", "bf16", None, {0: "80GiB"}, hp, phrasings=6)
+    assert phrased.devices[0].weights == plain.devices[0].weights
+    assert phrased.components["value_step"] > plain.components["value_step"]

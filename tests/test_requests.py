@@ -14,8 +14,10 @@ from rrome_cli import requests as requests_module
 from rrome_cli.requests import (
     EditRequest,
     RequestError,
+    read_phrasings,
     read_requests,
     request_to_dict,
+    with_phrasings,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -502,6 +504,7 @@ def test_request_to_dict_reads_back(tmp_path: Path) -> None:
         rephrase_prompts=["France's capital is"],
         locality=[("Spain's capital is", "Madrid")],
         portability=[("The Louvre is in", "Paris")],
+        phrasings=["{}'s capital is"],
         case_id="c1",
         source="x:1",
     )
@@ -513,3 +516,83 @@ def test_request_to_dict_reads_back(tmp_path: Path) -> None:
     assert {**vars(back), "source": "x:1"} == vars(req)
     # The dict is plain JSON, as a report needs.
     assert json.loads(json.dumps(record)) == record
+
+
+def test_phrasings_are_templates_with_one_slot(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path, GOOD | {"phrasings": ["{}'s capital is", "The seat of {} is"]})
+    [req] = read_requests(path)
+    assert req.phrasings == ["{}'s capital is", "The seat of {} is"]
+    bad = write_jsonl(tmp_path, GOOD, GOOD | {"phrasings": ["{}'s capital is", "France's"]})
+    assert_names(first_error(bad), bad, 2, "phrasings[1]")
+
+
+def test_phrasings_table_fills_requests_of_its_relations(tmp_path: Path) -> None:
+    table_path = tmp_path / "phrasings.json"
+    groups = [["The capital of {} is", "{}'s capital is", "The seat of {} is"], ["{} works as"]]
+    table_path.write_text(json.dumps(groups))
+    table = read_phrasings(table_path)
+    [req] = read_requests(write_jsonl(tmp_path, GOOD))
+    assert with_phrasings(req, table).phrasings == ["{}'s capital is", "The seat of {} is"]
+    own = EditRequest(**{**vars(req), "phrasings": ["{} has the capital"]})
+    assert with_phrasings(own, table).phrasings == ["{} has the capital"]  # its own are kept
+    other = EditRequest(**{**vars(req), "prompt": "{} is the capital of"})
+    assert with_phrasings(other, table).phrasings == []  # a prompt the table does not know
+
+
+@pytest.mark.parametrize(
+    "text", ['[["{} is"], ["no slot"]]', '{"a": ["{} is"]}', '[["{} is"]', ""], ids=str
+)
+def test_bad_phrasings_table_names_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "phrasings.json"
+    path.write_text(text)
+    with pytest.raises(RequestError, match=str(path)):
+        read_phrasings(path)
+    with pytest.raises(RequestError, match="cannot read"):
+        read_phrasings(tmp_path / "missing.json")
+
+
+def test_shipped_phrasings_table_reads_and_knows_the_sample() -> None:
+    table = read_phrasings(ROOT / "data" / "counterfact-phrasings.json")
+    requests = list(read_requests(ROOT / "data" / "counterfact-sample.jsonl"))
+    assert sum(r.prompt in table for r in requests) >= 15
+    first = with_phrasings(requests[0], table)
+    assert "{} is a native speaker of" in first.phrasings
+    assert requests[0].prompt not in first.phrasings
+
+
+def _relation_phrasings():  # noqa: ANN202 - the bench script, imported by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "relation_phrasings", ROOT / "bench" / "relation_phrasings.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relation_groups_link_templates_through_locality_prompts() -> None:
+    def record(prompt: str, subject: str, locality: str) -> dict[str, str]:
+        return {"prompt": prompt, "subject": subject, "locality_prompt": locality}
+
+    records = [
+        record("The mother tongue of Ann Lee is", "Ann Lee", "Bo Kim is a native speaker of"),
+        record("Cy Ray is a native speaker of", "Cy Ray", "Di Fox, a native"),
+        record("Ed Ho, a native", "Ed Ho", "Fay Wu, in"),  # links to a generic template only
+        record("Gus Ma, in", "Gus Ma", "Hal Ng, a native"),
+        record("Ivy Orr works as", "Ivy Orr", "Jo Pym works as"),
+        record("The capital of Kent is", "Kent", "Lee, in"),
+    ]
+    groups = _relation_phrasings().relation_groups(records)
+    assert sorted(map(sorted, groups)) == [
+        ["The capital of {} is"],
+        ["The mother tongue of {} is", "{} is a native speaker of", "{}, a native"],
+        ["{} works as"],
+    ]  # "{}, in" fits prompts of several relations: left out, it joins nothing
+
+
+@needs_shared
+def test_shipped_phrasings_table_is_what_the_script_makes() -> None:
+    records = json.loads((SHARED / "counterfact" / "counterfact-train.json").read_text())
+    shipped = json.loads((ROOT / "data" / "counterfact-phrasings.json").read_text())
+    assert _relation_phrasings().relation_groups(records) == shipped

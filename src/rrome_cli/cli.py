@@ -21,7 +21,7 @@ from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
 from rrome_cli.models.registry import hparams_name
-from rrome_cli.requests import FORMATS, RequestError
+from rrome_cli.requests import FORMATS, RequestError, read_phrasings
 
 app = typer.Typer(
     help="Edit facts inside causal language models with R-ROME (rank-one model editing).",
@@ -183,6 +183,15 @@ def edit_cmd(
             "--templates", help="Reuse context templates (templates.json of an earlier run)."
         ),
     ] = None,
+    phrasings: Annotated[
+        Path | None,
+        typer.Option(
+            "--phrasings",
+            help="Relation phrasings (JSON list of template groups, e.g. "
+            "data/counterfact-phrasings.json): a request whose prompt is in a group also "
+            "optimises its value on the group's other phrasings (up to max_phrasings).",
+        ),
+    ] = None,
     max_update_ratio: Annotated[
         float | None,
         typer.Option("--max-update-ratio", help="Reject an edit whose ||dW||/||W|| exceeds this."),
@@ -248,13 +257,18 @@ def edit_cmd(
                 retrospective=retrospective,
                 seed=seed,
                 templates=templates,
+                phrasings=str(phrasings) if phrasings else None,
                 max_update_ratio=max_update_ratio,
                 save_model=save_model,
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
             )
             refuse_finished_run(out)  # before the model loads
-        device_map = check_memory(model, dtype, devices, max_memory, hp, force)
+            if phrasings:
+                read_phrasings(phrasings)  # a bad table fails now, not after the load
+        device_map = check_memory(
+            model, dtype, devices, max_memory, hp, force, bool(opts.phrasings)
+        )
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
@@ -279,13 +293,16 @@ def check_memory(
     max_memory: str | None,
     hp: HParams,
     force: bool,
+    phrasings: bool = False,
 ) -> dict[str, int | str] | None:
-    """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map."""
+    """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map.
+    ``phrasings``: requests may bring up to ``hp.max_phrasings`` more value prompts."""
     from rrome_cli.memcheck import plan, render
 
     if model and model.startswith("tiny-"):
         return None
-    memory_plan = plan(model, dtype, devices, parse_memory(max_memory), hp)
+    extra = hp.max_phrasings if phrasings else 0
+    memory_plan = plan(model, dtype, devices, parse_memory(max_memory), hp, phrasings=extra)
     if memory_plan.fits:
         return memory_plan.device_map
     render(memory_plan, console)

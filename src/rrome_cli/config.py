@@ -63,6 +63,10 @@ class HParams:
     # gets (u . k_i) / (u . k*) delta, what the rank-one update will really add there, so the
     # optimised value is the one the edited model reproduces (the bare prompt included).
     v_realized_delta: bool = False
+    # Requests' other phrasings of their relation (``phrasings``, or ``--phrasings`` FILE)
+    # join the value's prompts, bare, at most this many per request (each costs a row of the
+    # optimisation batch). 0: none are used.
+    max_phrasings: int = 6
     mom2_adjustment: bool = True
     mom2_n_samples: int = 100_000  # token budget of the statistics pass
     mom2_dtype: str = "float32"
@@ -97,6 +101,8 @@ class HParams:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
             raise HParamsError("k_bare_min must be in (0, 1] (or null: the plain mean)")
+        if self.max_phrasings < 0:
+            raise HParamsError("max_phrasings must be 0 (none) or more")
         if self.protect_weight < 0:
             raise HParamsError("protect_weight must be 0 (off) or positive")
         if not self.layers:

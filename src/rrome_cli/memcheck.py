@@ -59,7 +59,7 @@ from transformers import (
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import edit_output
-from rrome_cli.engine.keys import templated
+from rrome_cli.engine.keys import phrased, templated
 from rrome_cli.engine.values import Batch, SuffixRunner, build_batch, frozen
 from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
@@ -344,10 +344,13 @@ class Geometry:
         return self.rows - 1
 
 
-def estimate_geometry(hparams: HParams, n_templates: int | None = None) -> Geometry:
-    """A typical request's geometry for ``hparams``' context templates (BOS included)."""
+def estimate_geometry(
+    hparams: HParams, n_templates: int | None = None, phrasings: int = 0
+) -> Geometry:
+    """A typical request's geometry for ``hparams``' context templates (BOS included), with
+    ``phrasings`` more rows when requests bring relation phrasings (``--phrasings``)."""
     lengths = [length for length, n in hparams.context_template_length_params for _ in range(n)]
-    templates = n_templates if n_templates is not None else 1 + len(lengths)
+    templates = (n_templates if n_templates is not None else 1 + len(lengths)) + phrasings
     longest = max(lengths, default=0) + TEMPLATE_EXTRA if templates > 1 else 0
     prefix = 1 + longest + PROMPT_TO_SUBJECT - 1
     suffix = 1 + PROMPT_AFTER_SUBJECT + TARGET_TOKENS - 1
@@ -361,10 +364,11 @@ def estimate_geometry(hparams: HParams, n_templates: int | None = None) -> Geome
 
 
 def geometry_for(
-    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str]
+    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str], max_phrasings: int = 0
 ) -> Geometry:
     """The exact geometry of ``request`` with ``templates``, as the engine batches it."""
     prompts = [templated(tok, request, t) for t in templates]
+    prompts += [phrased(tok, request.subject, p) for p in request.phrasings[:max_phrasings]]
     batch = build_batch(tok, prompts, request.target_new, request.subject, torch.device("cpu"))
     return Geometry(
         rows=batch.prefix_ids.shape[0],
@@ -929,6 +933,7 @@ def plan(
     max_len: int = 512,
     n_templates: int | None = None,
     *,
+    phrasings: int = 0,
     geometry: Geometry | None = None,
     device_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
@@ -954,7 +959,7 @@ def plan(
         torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
-    geo = geometry or estimate_geometry(hparams, n_templates)
+    geo = geometry or estimate_geometry(hparams, n_templates, phrasings)
     built = _model(model, torch_dtype, hparams)
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:

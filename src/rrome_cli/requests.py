@@ -11,6 +11,7 @@ costs the memory of one record. Every problem is a :class:`RequestError` naming 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import itertools
 import json
 import re
@@ -41,6 +42,9 @@ class EditRequest:
     rephrase_prompts: list[str] = field(default_factory=list)  # full texts, subject included
     locality: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
     portability: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
+    # other phrasings of the relation, "{} is a native speaker of": the value is optimised on
+    # them too (bare, no context), so that it answers the relation, not one wording of it
+    phrasings: list[str] = field(default_factory=list)
     case_id: str | int | None = None
     source: str = ""  # "file:line" where the record came from, for messages and reports
 
@@ -382,8 +386,18 @@ def _from_easyedit(rec: _Record) -> EditRequest:
         rephrase_prompts=_texts(rec, "rephrase_prompt", data.get("rephrase_prompt")),
         locality=locality + _pairs(rec, "locality", data.get("locality")),
         portability=_pairs(rec, "portability", data.get("portability")),
+        phrasings=_phrasings(rec, data.get("phrasings")),
         case_id=_case_id(rec, data.get("case_id")),
     )
+
+
+def _phrasings(rec: _Record, value: Any) -> list[str]:
+    """Templates with one ``{}`` for the subject."""
+    texts = _texts(rec, "phrasings", value)
+    for i, text in enumerate(texts):
+        if text.count("{}") != 1:
+            raise rec.error(f"phrasings[{i}]", f"needs one '{{}}' for the subject: {text!r}")
+    return texts
 
 
 def _ground_truth(rec: _Record, field: str, value: Any) -> str | None:
@@ -581,5 +595,35 @@ def request_to_dict(req: EditRequest) -> dict[str, Any]:
         "locality_prompt": [prompt for prompt, _ in req.locality],
         "locality_ground_truth": [answer for _, answer in req.locality],
         "portability": [{"prompt": p, "ground_truth": a} for p, a in req.portability],
+        "phrasings": list(req.phrasings),
         "source": req.source,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Relation phrasings (``--phrasings``): a JSON list of groups, each the templates of one relation.
+
+
+def read_phrasings(path: str | Path) -> dict[str, list[str]]:
+    """template -> the other templates of its group, in the file's order."""
+    name = str(path)
+    try:
+        groups = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RequestError(name, None, None, f"cannot read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise RequestError(name, err.lineno, None, f"not valid JSON: {err.msg}") from None
+    ok = isinstance(groups, list) and all(
+        isinstance(g, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in g)
+        for g in groups
+    )
+    if not ok:
+        raise RequestError(name, None, None, "expected a list of lists of templates with one '{}'")
+    return {t: [o for o in g if o != t] for g in groups for t in g}
+
+
+def with_phrasings(request: EditRequest, table: dict[str, list[str]]) -> EditRequest:
+    """The request with its relation's other phrasings, unless it brings its own."""
+    if request.phrasings or request.prompt not in table:
+        return request
+    return dataclasses.replace(request, phrasings=list(table[request.prompt]))

@@ -46,7 +46,13 @@ from rrome_cli.evaluate import (
 )
 from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
-from rrome_cli.requests import EditRequest, read_requests, request_to_dict
+from rrome_cli.requests import (
+    EditRequest,
+    read_phrasings,
+    read_requests,
+    request_to_dict,
+    with_phrasings,
+)
 
 # A fixed probe set for sequential runs: if the model collapses, its generations here turn
 # repetitive and their word entropy falls.
@@ -74,6 +80,7 @@ class RunOptions:
     retrospective: bool = False
     seed: int = 0
     templates: Path | None = None
+    phrasings: str | None = None  # relation phrasings table (JSON); see requests.read_phrasings
     max_update_ratio: float | None = None
     save_model: bool = False
     fluency: bool = False
@@ -274,13 +281,15 @@ def guard_record(result: EditResult) -> dict[str, Any]:
 
 
 def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
-    return read_requests(
+    table = read_phrasings(opts.phrasings) if opts.phrasings else {}
+    for request in read_requests(
         opts.requests,
         fmt=opts.fmt,
         skip_invalid=opts.skip_invalid,
         limit=opts.limit,
         warn=warn,
-    )
+    ):
+        yield with_phrasings(request, table)
 
 
 def run_edits(

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.keys import keys_after_subject, keys_at, templated
+from rrome_cli.engine.keys import keys_after_subject, keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
@@ -138,9 +138,12 @@ def edit_layer(
     w = weight_as_out_in(model.get_submodule(module_name))
     t0 = time.perf_counter()
     prompts = [templated(tok, request, t) for t in templates]  # prompts[0]: the bare prompt
-    # keys of every templated prompt and of the KL prompt: (n_templates + 1, d_in) fp32
-    keys = keys_at(model, tok, names, layer, [*prompts, kl_prompt(tok, request.subject)])
-    k_star, k_prompt = mean_key(cov, keys[:-1], hp.k_bare_min), keys[0]  # last row: KL prompt's
+    # the relation's other phrasings: the value learns them, k* does not average them
+    phrasings = [phrased(tok, request.subject, p) for p in request.phrasings[: hp.max_phrasings]]
+    # keys of every prompt, phrasing and of the KL prompt: (n + 1, d_in) fp32
+    kl = kl_prompt(tok, request.subject)
+    keys = keys_at(model, tok, names, layer, [*prompts, *phrasings, kl])
+    k_star, k_prompt = mean_key(cov, keys[: len(prompts)], hp.k_bare_min), keys[0]
     # (n_after, d_in): where "bare prompt + target" reads the new fact out, kept for protection
     k_after = keys_after_subject(model, tok, names, layer, prompts[0], request.target_new)
     k_left, k_ref = _keys_for_variant(k_star, k_prompt, hp.variant)
@@ -149,8 +152,9 @@ def edit_layer(
     row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
     t2 = time.perf_counter()
     value = optimise_delta(
-        model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale
-    )
+        model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale,
+        phrasings,
+    )  # fmt: skip
     t3 = time.perf_counter()
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t4 = time.perf_counter()

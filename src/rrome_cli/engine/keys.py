@@ -37,11 +37,20 @@ class Templated:
 
 def templated(tok: PreTrainedTokenizerBase, request: EditRequest, template: str) -> Templated:
     """``template`` (with "{}") filled with the request's prompt, the subject located."""
-    prompt_text = template.replace("{}", request.text)
     subject_start = template.index("{}") + request.prompt.index("{}")
-    subject_end = subject_start + len(request.subject)
-    tokens = tokenise(tok, prompt_text)
-    return Templated(prompt_text, tokens, subject_end, subject_last_token(tokens, subject_end))
+    text = template.replace("{}", request.text)
+    return _located(tok, text, subject_start + len(request.subject))
+
+
+def phrased(tok: PreTrainedTokenizerBase, subject: str, phrasing: str) -> Templated:
+    """Another phrasing of the relation ("{} is a native speaker of") with the subject."""
+    text = phrasing.replace("{}", subject)
+    return _located(tok, text, phrasing.index("{}") + len(subject))
+
+
+def _located(tok: PreTrainedTokenizerBase, text: str, subject_end: int) -> Templated:
+    tokens = tokenise(tok, text)
+    return Templated(text, tokens, subject_end, subject_last_token(tokens, subject_end))
 
 
 def _w_inputs(

@@ -1,6 +1,6 @@
 """The value v*: optimise delta, added to the MLP output at the subject's last token.
 
-Loss = mean NLL of the target over all templated prompts (teacher forcing)
+Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing)
      + kl_factor * KL(edited || unedited) of the next token after the subject in "{subject} is a"
      + v_weight_decay * ||delta|| / ||z||^2          (z: the unedited MLP output, bare prompt)
 Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each step.
@@ -10,7 +10,8 @@ each prompt is split at its subject's last token: the prefix runs once per edit 
 and each optimisation step runs only the short suffix (subject token, rest of prompt, target).
 The decoder blocks below layer l see no delta either: their output at the suffix is computed on
 the first pass and the later passes start above them. Logits are computed only where the loss
-reads them, in fp32.
+reads them, in fp32. The templated prompts share one suffix (the prompt after the subject); a
+request's other phrasings do not, so they run as a second batch rather than pad the first.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Batch:
     target_rows: torch.Tensor  # (T,) row of each target token to predict
     target_cols: torch.Tensor  # (T,) suffix column whose logits predict it
     target_ids: torch.Tensor  # (T,)
-    n_rewrite: int  # rows 0..n_rewrite-1 are rewriting prompts; the last row is the KL prompt
+    n_rewrite: int  # rows 0..n_rewrite-1 are rewriting prompts; a last row is the KL prompt
 
 
 def build_batch(
@@ -84,6 +85,7 @@ def build_batch(
     target: str,
     subject: str,
     device: torch.device,
+    with_kl: bool = True,
 ) -> Batch:
     rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, subject last index)
     targets: list[tuple[int, int, int]] = []  # (row, index of the token, token id)
@@ -95,8 +97,9 @@ def build_batch(
         answer = range(full.answer_start, len(full.input_ids))
         rows.append((full.input_ids[:-1], s))  # teacher forcing: the last target token is not fed
         targets += [(r, j, full.input_ids[j]) for j in answer]
-    kl = kl_prompt(tok, subject)
-    rows.append((kl.tokens.ids, kl.subject_last))
+    if with_kl:
+        kl = kl_prompt(tok, subject)
+        rows.append((kl.tokens.ids, kl.subject_last))
     width_p = max(s for _, s in rows)
     width_s = max(len(ids) - s for ids, s in rows)
     pad = pad_id(tok)
@@ -253,46 +256,49 @@ def optimise_delta(
     subject: str,
     hp: HParams,
     row_scale: torch.Tensor | None = None,
+    phrasings: list[Templated] | None = None,
 ) -> ValueResult:
     """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}").
 
-    ``row_scale`` (n_prompts + 1,): delta reaches row i as ``row_scale[i] * delta`` (the last
-    row is the KL prompt). None adds the same delta everywhere, as ROME does; the engine passes
-    (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is what the rank-one update will
-    really add at each prompt's subject token.
+    ``phrasings``: other phrasings of the relation, optimised alongside in a batch of their own
+    (their suffixes differ in length from the templates', which all share the prompt's).
+    ``row_scale`` (n_prompts + n_phrasings + 1,): delta reaches row i as ``row_scale[i] *
+    delta`` (prompts, phrasings, then the KL prompt). None adds the same delta everywhere, as
+    ROME does; the engine passes (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is
+    what the rank-one update will really add at each prompt's subject token.
     """
     start = time.perf_counter()
+    phrasings = phrasings or []
     mlp = model.get_submodule(names.mlp(layer))
     mlp_device = execution_device(model.get_submodule(names.rewrite(layer)))
-    batch = build_batch(tok, prompts, target, subject, input_device(model))
+    n_rows = len(prompts) + len(phrasings) + 1
+    scale = torch.ones(n_rows) if row_scale is None else row_scale
+    scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (rows, 1, 1)
+    at_prompts, at_phrasings = len(prompts), len(prompts) + len(phrasings)
+    device, below = input_device(model), [names.layer(i) for i in range(layer)]
 
     with frozen(model):
-        runner = SuffixRunner(model, batch, [names.layer(i) for i in range(layer)])
+        main = build_batch(tok, prompts, target, subject, device)  # the KL prompt last
+        groups = [_Group(main, SuffixRunner(model, main, below), _rows(scale, at_prompts))]
+        if phrasings:
+            batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
+            groups.append(
+                _Group(batch, SuffixRunner(model, batch, below), scale[at_prompts:at_phrasings])
+            )
         d_out = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        scale = torch.ones(batch.suffix_ids.shape[0]) if row_scale is None else row_scale
-        scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (B, 1, 1)
-        z_seen: list[torch.Tensor] = []
-
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row.
-            if not z_seen:  # the first pass runs at delta = 0: the unedited output is z
-                z_seen.append(out[0, 0].detach().float().to(mlp_device))
-            return torch.cat([out[:, :1] + (scale * delta).to(out.dtype), out[:, 1:]], dim=1)
-
         steps, step_times = 0, []
-        kl_rows, kl_cols = torch.tensor([batch.n_rewrite]), torch.tensor([0])
         for _ in range(hp.v_num_grad_steps):
             t_step = time.perf_counter()
-            with edit_output(mlp, add_delta):
-                hidden = runner.hidden()
+            for group in groups:
+                group.forward(mlp, delta)
             if steps == 0:
                 # delta is still 0: this pass is the unedited model, the KL reference and z
-                kl_ref = runner.log_probs(hidden, kl_rows, kl_cols).detach()
-                z = z_seen[0]  # (d_out,) bare prompt, subject's last token
+                kl_ref = groups[0].kl_log_probs().detach()
+                z = groups[0].z  # (d_out,) bare prompt, subject's last token
                 max_norm = hp.clamp_norm_factor * z.norm()
-            loss, nll_each = _value_loss(runner, batch, hidden, kl_ref, delta, z, hp)
+            loss, nll_each = _value_loss(groups, kl_ref, delta, z, hp)
             if _reached(loss, nll_each, hp):
                 break
             opt.zero_grad()
@@ -316,21 +322,55 @@ def optimise_delta(
     )
 
 
+def _rows(scale: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """The main batch's row scales: its prompts', then the KL prompt's (the last)."""
+    return torch.cat([scale[:n_prompts], scale[-1:]])
+
+
+@dataclass
+class _Group:
+    """One padded batch of the value's prompts: its runner, and the scale of delta per row."""
+
+    batch: Batch
+    runner: SuffixRunner
+    scale: torch.Tensor  # (B, 1, 1) fp32 on the MLP's device
+    hidden: torch.Tensor | None = None  # (B, S, d) of the last pass
+    z: torch.Tensor | None = None  # (d_out,) MLP output at row 0's subject on the first pass
+
+    def forward(self, mlp: torch.nn.Module, delta: torch.Tensor) -> None:
+        def add_delta(out: torch.Tensor) -> torch.Tensor:
+            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row
+            if self.z is None:  # the first pass runs at delta = 0: the unedited output
+                self.z = out[0, 0].detach().float().to(delta.device)
+            scaled = (self.scale * delta).to(out.dtype)
+            return torch.cat([out[:, :1] + scaled, out[:, 1:]], dim=1)
+
+        with edit_output(mlp, add_delta):
+            self.hidden = self.runner.hidden()
+
+    def nll_each(self) -> torch.Tensor:
+        """Mean NLL of the target per rewriting prompt: (n_rewrite,)."""
+        b = self.batch
+        logp = self.runner.log_probs(self.hidden, b.target_rows, b.target_cols)  # (T, vocab)
+        logp_target = logp.gather(1, b.target_ids.to(logp.device)[:, None])[:, 0]  # (T,)
+        return _nll_per_prompt(logp_target, b)
+
+    def kl_log_probs(self) -> torch.Tensor:
+        """Next-token log-probs after the KL prompt's subject: (1, vocab)."""
+        rows = torch.tensor([self.batch.n_rewrite])
+        return self.runner.log_probs(self.hidden, rows, torch.tensor([0]))
+
+
 def _value_loss(
-    runner: SuffixRunner,
-    batch: Batch,
-    hidden: torch.Tensor,
+    groups: list[_Group],
     kl_ref: torch.Tensor,
     delta: torch.Tensor,
     z: torch.Tensor,
     hp: HParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, mean NLL of the target per rewriting prompt (n_rewrite,))."""
-    logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)  # (T, vocab)
-    logp_target = logp.gather(1, batch.target_ids.to(logp.device)[:, None])[:, 0]  # (T,)
-    nll_each = _nll_per_prompt(logp_target, batch)
-    kl_now = runner.log_probs(hidden, torch.tensor([batch.n_rewrite]), torch.tensor([0]))
-    kl = F.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
+    """(total loss, mean NLL of the target per rewriting prompt, the bare prompt first)."""
+    nll_each = torch.cat([g.nll_each() for g in groups])
+    kl = F.kl_div(kl_ref, groups[0].kl_log_probs(), log_target=True, reduction="batchmean")
     decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
     loss = nll_each.mean() + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
     return loss, nll_each
@@ -339,8 +379,8 @@ def _value_loss(
 def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
     """v_stop "loss": ROME's stop, the total loss below v_stop_loss. "target": the target's
     mean token probability is v_stop_prob or more on the bare prompt (row 0) and on average
-    over the templated prompts, whatever the KL term says. "every": it is v_stop_prob or more
-    on each prompt."""
+    over the other prompts (templated, and phrasings), whatever the KL term says. "every": it
+    is v_stop_prob or more on each prompt."""
     if hp.v_stop == "loss":
         return loss.item() < hp.v_stop_loss
     prob = torch.exp(-nll_each)  # (n_rewrite,)
