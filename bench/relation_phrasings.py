@@ -35,7 +35,7 @@ def filled_by(text: str, templates: dict[str, tuple[str, str]]) -> str | None:
         for t, (head, tail) in templates.items()
         if text.startswith(head) and text.endswith(tail) and len(text) > len(head) + len(tail)
     ]
-    return max(fits, key=lambda t: len(t), default=None)
+    return max(fits, key=len, default=None)
 
 
 def relation_groups(records: list[dict]) -> list[list[str]]:

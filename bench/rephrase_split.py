@@ -43,10 +43,11 @@ def with_seen_phrasing(path: Path) -> set[str]:
     """case_ids whose rephrased prompt contains one of the request's phrasings, filled."""
     seen = set()
     for line in path.read_text().splitlines():
-        request = json.loads(line).get("request", {})
+        row = json.loads(line)
+        request = row.get("request", {})
         filled = [p.replace("{}", request.get("subject", "")) for p in request.get("phrasings", [])]
         if any(f in r for f in filled for r in request.get("rephrase_prompt", [])):
-            seen.add(str(json.loads(line)["case_id"]))
+            seen.add(str(row["case_id"]))
     return seen
 
 
