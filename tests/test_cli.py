@@ -326,3 +326,40 @@ def test_bad_phrasings_table_exits_2_before_any_edit(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert str(table) in result.stderr
     assert not (tmp_path / "run" / "report.jsonl").exists()
+
+
+def test_memory_plan_counts_phrasings_that_requests_bring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """memcheck before an edit plans the phrasing rows whether they come from --phrasings or
+    from the requests themselves; a file without any plans none."""
+    from rrome_cli import cli, memcheck
+
+    asked: list[int] = []
+    real_plan = memcheck.plan
+    monkeypatch.setattr(
+        memcheck, "plan", lambda *a, **k: asked.append(k["phrasings"]) or real_plan(*a, **k)
+    )
+    own = tmp_path / "own.jsonl"
+    record = json.loads(SAMPLE.read_text().splitlines()[0])
+    own.write_text(json.dumps(record | {"phrasings": ["{} speaks"]}) + "\n")
+    hp = load_hparams(shipped_hparams("smollm2-135m"))
+    table = str(DATA / "counterfact-phrasings.json")
+    for opts in (
+        RunOptions(requests=str(SAMPLE)),
+        RunOptions(requests=str(own)),
+        RunOptions(requests=str(SAMPLE), phrasings=table),
+        RunOptions(requests="-"),  # standard input cannot be read twice
+        RunOptions(requests=str(DATA / "bad-requests.jsonl")),  # reported later, at its line
+    ):
+        cli.check_memory("smollm2-135m", None, "cpu", None, hp, False, opts)
+    assert asked == [0, hp.max_phrasings, hp.max_phrasings, 0, 0]
+
+
+def test_memcheck_phrasings_option_plans_more_value_rows() -> None:
+    base = ("memcheck", "--model", "smollm2-135m", "--devices", "cpu", "--json")
+    plain = json.loads(run(*base).stdout)
+    phrased = run(*base, "--phrasings", str(DATA / "counterfact-phrasings.json"))
+    assert phrased.exit_code == 0, phrased.stderr
+    value_step = json.loads(phrased.stdout)["components"]["value_step"]
+    assert value_step > plain["components"]["value_step"]

@@ -310,3 +310,20 @@ def test_relation_phrasings_add_value_rows(offline) -> None:
     phrased = plan("llama2-7b", "bf16", None, {0: "80GiB"}, hp, phrasings=6)
     assert phrased.devices[0].weights == plain.devices[0].weights
     assert phrased.components["value_step"] > plain.components["value_step"]
+
+
+def test_fewer_templates_fix_keeps_the_phrasing_rows(offline) -> None:
+    """The "fewer context templates" fix counts context templates only, and the plan it
+    proposes still holds the phrasings' rows."""
+    import re
+
+    hp = load_hparams(shipped_hparams("llama2-7b"))
+    few = plan("llama2-7b", "bf16", "cpu", {"cpu": "80GiB"}, hp, n_templates=4, phrasings=6)
+    limit = {"cpu": few.devices[0].total + 64 * 2**20}
+    many = plan("llama2-7b", "bf16", "cpu", limit, hp, n_templates=40, phrasings=6)
+    assert not many.fits
+    found = re.search(r"fewer context templates: (\d+) instead of (\d+)", many.fix)
+    assert found is not None, many.fix
+    proposed, current = int(found[1]), int(found[2])
+    assert current == 40
+    assert plan("llama2-7b", "bf16", "cpu", limit, hp, n_templates=proposed, phrasings=6).fits

@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +21,10 @@ from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
 from rrome_cli.models.registry import hparams_name
-from rrome_cli.requests import FORMATS, RequestError, read_phrasings
+from rrome_cli.requests import FORMATS, RequestError, read_phrasings, read_requests
+
+if TYPE_CHECKING:
+    from rrome_cli.run import RunOptions
 
 app = typer.Typer(
     help="Edit facts inside causal language models with R-ROME (rank-one model editing).",
@@ -266,9 +269,7 @@ def edit_cmd(
             refuse_finished_run(out)  # before the model loads
             if phrasings:
                 read_phrasings(phrasings)  # a bad table fails now, not after the load
-        device_map = check_memory(
-            model, dtype, devices, max_memory, hp, force, bool(opts.phrasings)
-        )
+        device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
@@ -276,6 +277,29 @@ def edit_cmd(
             raise typer.Exit(1)
 
     guarded(body)
+
+
+def brings_phrasings(opts: RunOptions) -> bool:
+    """Whether requests may bring relation phrasings, so memcheck plans their value rows:
+    ``--phrasings``, or a request file in which some request carries its own. Standard input
+    cannot be read twice, so there only ``--phrasings`` counts. Bad records are left for the
+    run to report at their line."""
+    if opts.phrasings:
+        return True
+    if opts.requests == "-":
+        return False
+    try:
+        found = read_requests(
+            opts.requests,
+            fmt=opts.fmt,
+            skip_invalid=True,
+            limit=opts.limit,
+            on_skip=lambda err: None,
+            warn=lambda message: None,
+        )
+        return any(request.phrasings for request in found)
+    except RequestError:
+        return False
 
 
 def parse_memory(spec: str | None) -> dict[str | int, str] | None:
@@ -293,15 +317,16 @@ def check_memory(
     max_memory: str | None,
     hp: HParams,
     force: bool,
-    phrasings: bool = False,
+    opts: RunOptions | None = None,
 ) -> dict[str, int | str] | None:
     """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map.
-    ``phrasings``: requests may bring up to ``hp.max_phrasings`` more value prompts."""
+    When ``opts``' requests may bring relation phrasings, the plan counts ``hp.max_phrasings``
+    more value prompts."""
     from rrome_cli.memcheck import plan, render
 
     if model and model.startswith("tiny-"):
         return None
-    extra = hp.max_phrasings if phrasings else 0
+    extra = hp.max_phrasings if opts and brings_phrasings(opts) else 0
     memory_plan = plan(model, dtype, devices, parse_memory(max_memory), hp, phrasings=extra)
     if memory_plan.fits:
         return memory_plan.device_map
@@ -380,6 +405,13 @@ def memcheck_cmd(
     bf16: Bf16 = False,
     devices: Devices = None,
     max_memory: MaxMemory = None,
+    phrasings: Annotated[
+        Path | None,
+        typer.Option(
+            "--phrasings",
+            help="Plan as `rrome edit --phrasings FILE` does: max_phrasings more value prompts.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the plan as JSON on standard output.")
     ] = False,
@@ -392,7 +424,12 @@ def memcheck_cmd(
 
     def body() -> bool:
         hp = resolve_hparams(hparams, model)
-        memory_plan = plan(model, _dtype(fp16, bf16), devices, parse_memory(max_memory), hp)
+        if phrasings:
+            read_phrasings(phrasings)
+        extra = hp.max_phrasings if phrasings else 0
+        memory_plan = plan(
+            model, _dtype(fp16, bf16), devices, parse_memory(max_memory), hp, phrasings=extra
+        )
         if as_json:
             sys.stdout.write(memory_plan.to_json() + "\n")
         else:

@@ -964,7 +964,7 @@ def plan(
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:
         result.fix = _cheapest_fix(
-            result, built, model, targets, limits, hparams, geo, batch_tokens, max_len
+            result, built, model, targets, limits, hparams, geo, batch_tokens, max_len, phrasings
         )
     return result
 
@@ -982,8 +982,11 @@ def _cheapest_fix(
     geo: Geometry,
     batch_tokens: int,
     max_len: int,
+    phrasings: int = 0,
 ) -> str:
-    """The first change, in order of cost to the user, under which the plan fits."""
+    """The first change, in order of cost to the user, under which the plan fits.
+    ``phrasings``: rows of ``geo`` that are relation phrasings; fewer context templates keeps
+    them."""
 
     def attempt(**changes: Any) -> MemoryPlan | None:
         args: dict[str, Any] = dict(
@@ -1017,12 +1020,12 @@ def _cheapest_fix(
         if (p := attempt(devices=more, max_memory={**limits, index: size})) is not None:
             listed = ",".join(str(d.index or 0) for d in more)
             return f"add a GPU of {gib(size)} GiB: --devices {listed} (then {summary(p)})"
-    templates = geo.templates
+    context = templates = geo.templates - phrasings
     while templates > 1:
         templates = max(1, templates // 2)
-        if (p := attempt(geo=estimate_geometry(hparams, templates))) is not None:
+        if (p := attempt(geo=estimate_geometry(hparams, templates, phrasings))) is not None:
             return (
-                f"use fewer context templates: {templates} instead of {geo.templates} "
+                f"use fewer context templates: {templates} instead of {context} "
                 f"(shorter context_template_length_params; then {summary(p)})"
             )
     tokens = batch_tokens
