@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced version (minutes)")
     args = parser.parse_args()
     n_speed, n_quality, n_seq, stats_tokens = (
-        (3, 5, 6, 5_000) if args.quick else (20, 200, 300, 20_000)
+        (3, 2, 4, 5_000) if args.quick else (20, 200, 300, 20_000)
     )
     loaded = load_model(None)
     hp = load_hparams(shipped_hparams("smollm2-135m"))
