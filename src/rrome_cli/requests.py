@@ -395,9 +395,14 @@ def _phrasings(rec: _Record, value: Any) -> list[str]:
     """Templates with one ``{}`` for the subject."""
     texts = _texts(rec, "phrasings", value)
     for i, text in enumerate(texts):
-        if text.count("{}") != 1:
+        if not _one_slot(text):
             raise rec.error(f"phrasings[{i}]", f"needs one '{{}}' for the subject: {text!r}")
     return texts
+
+
+def _one_slot(phrasing: str) -> bool:
+    """A relation phrasing has exactly one ``{}``, where the subject goes."""
+    return phrasing.count("{}") == 1
 
 
 def _ground_truth(rec: _Record, field: str, value: Any) -> str | None:
@@ -614,8 +619,7 @@ def read_phrasings(path: str | Path) -> dict[str, list[str]]:
     except json.JSONDecodeError as err:
         raise RequestError(name, err.lineno, None, f"not valid JSON: {err.msg}") from None
     ok = isinstance(groups, list) and all(
-        isinstance(g, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in g)
-        for g in groups
+        isinstance(g, list) and all(isinstance(t, str) and _one_slot(t) for t in g) for g in groups
     )
     if not ok:
         raise RequestError(name, None, None, "expected a list of lists of templates with one '{}'")
