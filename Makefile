@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # The CPU build of torch where no CUDA GPU is present (an unpinned torch pulls a multi-GB CUDA build).
 TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test test-fast lint bench bench-quick clean
+.PHONY: setup demo test test-fast lint bench bench-quick bench-easyedit clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: setup
 
 bench-quick: setup
 	$(PY) bench/bench.py --quick
+
+# rrome against EasyEdit's R-ROME in one process: EASYEDIT=path/to/an/EasyEdit/checkout
+bench-easyedit: setup
+	@test -d "$(EASYEDIT)/easyeditor" || { echo "set EASYEDIT to an EasyEdit checkout (git clone https://github.com/zjunlp/EasyEdit)"; exit 2; }
+	$(PY) bench/easyedit_compare.py --easyedit "$(EASYEDIT)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
