@@ -113,8 +113,12 @@ def easyedit_arm(loaded: LoadedModel, root: Path) -> Arm:
         main.get_context_templates(loaded.model, loaded.tok, hp.context_template_length_params)
 
     def run(request: EditRequest) -> Callable[[], None]:
-        as_dict = {"prompt": request.prompt, "subject": request.subject}
-        as_dict["target_new"] = request.target_new
+        # EasyEdit's request: the prompt with "{}", and the target without its leading space
+        as_dict = {
+            "prompt": request.prompt,
+            "subject": request.subject,
+            "target_new": request.target_new,
+        }
         with contextlib.redirect_stdout(io.StringIO()):
             _, originals = main.apply_r_rome_to_model(
                 loaded.model, loaded.tok, [as_dict], hp, return_orig_weights=True
