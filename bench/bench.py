@@ -39,6 +39,7 @@ from rephrase_split import LABELS, rephrase_by_case, split, with_seen_phrasing  
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.edit import edit  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
+from rrome_cli.engine.update import KeyCovariance  # noqa: E402
 from rrome_cli.memcheck import geometry_for, measure_peak, plan  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
@@ -58,10 +59,16 @@ def requests_file(source: Path, fmt: str, start: int, n: int, tmp: Path) -> Path
     return path
 
 
-def speed(loaded: LoadedModel, hp: HParams, requests: list[EditRequest]) -> dict[str, Any]:
-    """Per-edit time with statistics cached and templates generated once."""
+def edit_inputs(loaded: LoadedModel, hp: HParams) -> tuple[dict[int, KeyCovariance], list[str]]:
+    """What an edit outside a run needs: each layer's key statistics (cached) and templates."""
     covariances, _ = prepare_covariances(loaded, hp, RunOptions(requests=""))
     templates = generate_templates(loaded.model, loaded.tok, hp.context_template_length_params)
+    return covariances, templates
+
+
+def speed(loaded: LoadedModel, hp: HParams, requests: list[EditRequest]) -> dict[str, Any]:
+    """Per-edit time with statistics cached and templates generated once."""
+    covariances, templates = edit_inputs(loaded, hp)
     rows = []
     for request in requests:
         result = edit(loaded.model, loaded.tok, request, hp, loaded.names, covariances, templates)
@@ -87,8 +94,7 @@ def speed(loaded: LoadedModel, hp: HParams, requests: list[EditRequest]) -> dict
 
 def memory(loaded: LoadedModel, hp: HParams, request: EditRequest) -> dict[str, Any]:
     """Peak bytes of live tensors during one edit vs memcheck's prediction for that request."""
-    covariances, _ = prepare_covariances(loaded, hp, RunOptions(requests=""))
-    templates = generate_templates(loaded.model, loaded.tok, hp.context_template_length_params)
+    covariances, templates = edit_inputs(loaded, hp)
     results = []
     peak = measure_peak(
         lambda: results.append(

@@ -37,13 +37,13 @@ from typing import Any
 
 import torch
 
+from bench import edit_inputs  # bench/bench.py, beside this script
 from rrome_cli.config import from_dict, load_hparams
 from rrome_cli.engine.edit import edit
-from rrome_cli.engine.templates import generate_templates
 from rrome_cli.evaluate.metrics import evaluate_request
 from rrome_cli.models.loading import LoadedModel, load_model
 from rrome_cli.requests import EditRequest, read_requests
-from rrome_cli.run import RunOptions, library_versions, prepare_covariances
+from rrome_cli.run import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es")
@@ -136,8 +136,7 @@ def easyedit_arm(loaded: LoadedModel, root: Path) -> Arm:
 
 def rrome_arm(loaded: LoadedModel, raw: dict[str, Any]) -> Arm:
     hp = from_dict(raw)
-    covariances, _ = prepare_covariances(loaded, hp, RunOptions(requests=""))
-    templates = generate_templates(loaded.model, loaded.tok, hp.context_template_length_params)
+    covariances, templates = edit_inputs(loaded, hp)
 
     def run(request: EditRequest) -> Callable[[], None]:
         result = edit(loaded.model, loaded.tok, request, hp, loaded.names, covariances, templates)
