@@ -29,8 +29,9 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# the full bench continues where an earlier one stopped (runs/bench/full); ONLY=substring picks sections
 bench: setup
-	$(PY) bench/bench.py
+	$(PY) bench/bench.py $(if $(ONLY),--only "$(ONLY)")
 
 bench-quick: setup
 	$(PY) bench/bench.py --quick

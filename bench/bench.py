@@ -2,6 +2,12 @@
 
     python bench/bench.py            # the full protocol (hours on a 2-core CPU)
     python bench/bench.py --quick    # a reduced version (minutes)
+    python bench/bench.py --only "C=I"   # only the sections whose name has "C=I"
+
+The full bench keeps its runs and finished sections under runs/bench/full (--work DIR): run the
+same command again to continue an interrupted bench (a finished section is not measured twice;
+a quality run resumes where it stopped), so it can be run in pieces. Delete that folder to
+measure everything afresh. The quick bench measures afresh each time.
 
 Prints one table and writes ``bench/results/<date>.json`` with the machine and library versions.
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
@@ -20,7 +26,9 @@ import platform
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +51,13 @@ from rrome_cli.engine.update import KeyCovariance  # noqa: E402
 from rrome_cli.memcheck import geometry_for, measure_peak, plan  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
-from rrome_cli.run import RunOptions, library_versions, prepare_covariances, run_edits  # noqa: E402
+from rrome_cli.run import (  # noqa: E402
+    RunOptions,
+    library_versions,
+    load_run,
+    prepare_covariances,
+    run_edits,
+)
 
 console = Console(stderr=True)
 QUIET = Console(stderr=True, quiet=True)
@@ -111,8 +125,14 @@ def quality(
     loaded: LoadedModel, hp: HParams, path: Path, out: Path, labelled: bool = False, **opts: Any
 ) -> dict:
     """The run's summary; ``labelled`` (CounterFact): with rephrase split by whether the
-    rephrased prompt asks the same question (bench/counterfact-rephrase-labels.json)."""
-    run_dir, summary = run_edits(loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET)
+    rephrased prompt asks the same question (bench/counterfact-rephrase-labels.json).
+    A run left unfinished in ``out`` (an earlier, interrupted bench) is resumed."""
+    resume = out if (out / "report.jsonl").exists() else None
+    if resume:
+        _same_recipe(out, hp)
+    run_dir, summary = run_edits(
+        loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET, resume=resume
+    )
     if labelled:
         labels = json.loads(LABELS.read_text())["same_question"]
         report = run_dir / "report.jsonl"
@@ -121,19 +141,136 @@ def quality(
     return summary
 
 
+def _same_recipe(out: Path, hp: HParams) -> None:
+    """Refuse to resume a run made with other hyperparameters (the recipe changed since)."""
+    _, earlier, _ = load_run(out)
+    if earlier.to_dict() != hp.to_dict():
+        sys.exit(f"{out} was run with other hyperparameters; delete it to measure afresh")
+
+
+def sequential(loaded: LoadedModel, hp: HParams, path: Path, out: Path, n: int) -> dict:
+    """The sequential run's summary with its retrospective rewrite of the first edits and its
+    entropy and update-norm curves."""
+    summary = quality(
+        loaded,
+        hp,
+        path,
+        out,
+        labelled=True,
+        sequential=True,
+        retrospective=True,
+        probe_every=max(1, n // 10),
+    )
+    retro = [json.loads(x) for x in (out / "retrospective.jsonl").read_text().splitlines()]
+    first = retro[: max(1, min(100, len(retro) // 3))]
+    summary["retro_rewrite_first"] = statistics.mean(r["retro"]["rewrite_acc"] for r in first)
+    summary["retro_first_n"] = len(first)
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    summary["entropy_curve"] = [
+        (r["index"], r["probe_entropy"]) for r in records if "probe_entropy" in r
+    ]
+    summary["update_ratio_curve"] = [(r["index"], r["guard"].get("update_ratio")) for r in records]
+    return summary
+
+
 def config(hp: HParams, **changes: Any) -> HParams:
     return HParams(**(hp.to_dict() | changes))
+
+
+def sections(
+    loaded: LoadedModel, hp: HParams, quick: bool, work: Path
+) -> dict[str, Callable[[], Any]]:
+    """Every measurement of the bench, by name, in the order they run; none runs here."""
+    n_speed, n_quality, n_seq, stats_tokens = (3, 2, 4, 5_000) if quick else (20, 200, 300, 20_000)
+    cf = SHARED / "counterfact" / "counterfact-edit.json"
+    zsre = SHARED / "zsre" / "zsre_mend_train-1k.json"
+    data = work / "requests"
+    data.mkdir(parents=True, exist_ok=True)
+    speed_reqs = list(read_requests(requests_file(cf, "counterfact", 1000, n_speed, data)))
+    paths = {
+        "counterfact": requests_file(cf, "counterfact", 0, n_quality, data),
+        "zsre": requests_file(zsre, "zsre", 0, n_quality, data),
+    }
+    variants = {
+        "r-rome + C": hp,
+        "r-rome, C=I": config(hp, mom2_adjustment=False),
+        "rome + C": config(hp, variant="rome"),
+    }
+    todo: dict[str, Callable[[], Any]] = {
+        "speed": lambda: speed(loaded, hp, speed_reqs),
+        "stats": lambda: bench_stats(loaded, hp.layers[0], stats_tokens),
+        "memory": lambda: memory(loaded, hp, speed_reqs[0]),
+    }
+    for name, h in variants.items():
+        for dataset, path in paths.items():
+            key = f"{name} | {dataset}"
+            todo[f"quality: {key}"] = partial(
+                quality, loaded, h, path, work / _slug(key), labelled=dataset == "counterfact"
+            )
+    key = "r-rome + C, --phrasings | counterfact"
+    todo[f"quality: {key}"] = partial(
+        quality,
+        loaded,
+        hp,
+        paths["counterfact"],
+        work / _slug(key),
+        labelled=True,
+        phrasings=str(PHRASINGS),
+    )
+    seq_path = requests_file(cf, "counterfact", 0, n_seq, data)
+    todo["sequential"] = partial(sequential, loaded, hp, seq_path, work / "sequential", n_seq)
+    return todo
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-=" else "_" for c in name)
+
+
+def run_sections(todo: dict[str, Callable[[], Any]], work: Path, only: list[str]) -> dict:
+    """Each section's result, measured now or read back from an earlier (interrupted) bench.
+
+    A finished section is kept in ``work/sections/<name>.json`` with the date it was measured,
+    so the full protocol (hours) can be run in pieces: ``--only`` picks sections by substring.
+    """
+    done_dir = work / "sections"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, measure in todo.items():
+        path = done_dir / f"{_slug(name)}.json"
+        if not path.exists() and (not only or any(o in name for o in only)):
+            console.print(f"{name} ...")
+            result = {"measured": datetime.now().isoformat(timespec="seconds"), **measure()}
+            path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a reduced version (minutes)")
-    args = parser.parse_args()
-    n_speed, n_quality, n_seq, stats_tokens = (
-        (3, 2, 4, 5_000) if args.quick else (20, 200, 300, 20_000)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="where runs and finished sections are kept (default: runs/bench/full; --quick: "
+        "a temporary folder); run again to continue an interrupted bench",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the sections whose name holds this text (repeatable), e.g. 'C=I' or "
+        "'quality: rome' ('rome' alone also picks the r-rome sections)",
+    )
+    args = parser.parse_args()
     loaded = load_model(None)
     hp = load_hparams(shipped_hparams("smollm2-135m"))
+    with tempfile.TemporaryDirectory() as tmp:
+        # the quick bench measures afresh each time; the full one continues where it stopped
+        work = args.work or (Path(tmp) if args.quick else ROOT / "runs" / "bench" / "full")
+        todo = sections(loaded, hp, args.quick, work)
+        measured = run_sections(todo, work, args.only)
+    missing = [name for name in todo if name not in measured]
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
@@ -145,74 +282,19 @@ def main() -> None:
         },
         "versions": library_versions(),
         "hparams": hp.to_dict(),
+        "sections": measured,
+        "missing": missing,
     }
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        cf = SHARED / "counterfact" / "counterfact-edit.json"
-        zsre = SHARED / "zsre" / "zsre_mend_train-1k.json"
-        speed_reqs = list(read_requests(requests_file(cf, "counterfact", 1000, n_speed, tmp)))
-        console.print("speed ...")
-        results["speed"] = speed(loaded, hp, speed_reqs)
-        console.print("statistics throughput ...")
-        results["stats"] = bench_stats(loaded, hp.layers[0], stats_tokens)
-        console.print("memory ...")
-        results["memory"] = memory(loaded, hp, speed_reqs[0])
-        cf_path = requests_file(cf, "counterfact", 0, n_quality, tmp)
-        zsre_path = requests_file(zsre, "zsre", 0, n_quality, tmp)
-        variants = {
-            "r-rome + C": hp,
-            "r-rome, C=I": config(hp, mom2_adjustment=False),
-            "rome + C": config(hp, variant="rome"),
-        }
-        results["quality"] = {}
-        for name, h in variants.items():
-            for data, path in (("counterfact", cf_path), ("zsre", zsre_path)):
-                console.print(f"quality: {name} on {data} ...")
-                results["quality"][f"{name} | {data}"] = quality(
-                    loaded,
-                    h,
-                    path,
-                    tmp / f"q-{name}-{data}".replace(" ", ""),
-                    labelled=data == "counterfact",
-                )
-        console.print("quality: r-rome + C, relation phrasings, on counterfact ...")
-        results["quality"]["r-rome + C, --phrasings | counterfact"] = quality(
-            loaded, hp, cf_path, tmp / "q-phrasings", labelled=True, phrasings=str(PHRASINGS)
-        )
-        console.print("sequential ...")
-        seq_path = requests_file(cf, "counterfact", 0, n_seq, tmp)
-        seq_out = tmp / "seq"
-        summary = quality(
-            loaded,
-            hp,
-            seq_path,
-            seq_out,
-            labelled=True,
-            sequential=True,
-            retrospective=True,
-            probe_every=max(1, n_seq // 10),
-        )
-        retro = [json.loads(x) for x in (seq_out / "retrospective.jsonl").read_text().splitlines()]
-        first = retro[: max(1, min(100, len(retro) // 3))]
-        summary["retro_rewrite_first"] = statistics.mean(r["retro"]["rewrite_acc"] for r in first)
-        summary["retro_first_n"] = len(first)
-        records = [json.loads(x) for x in (seq_out / "report.jsonl").read_text().splitlines()]
-        summary["entropy_curve"] = [
-            (r["index"], r["probe_entropy"]) for r in records if "probe_entropy" in r
-        ]
-        summary["update_ratio_curve"] = [
-            (r["index"], r["guard"].get("update_ratio")) for r in records
-        ]
-        results["sequential"] = summary
-    out = (
-        ROOT
-        / "bench"
-        / "results"
-        / f"{datetime.now():%Y-%m-%d}{'-quick' if args.quick else ''}.json"
-    )
+    suffix = ("-quick" if args.quick else "") + ("-partial" if missing else "")
+    out = ROOT / "bench" / "results" / f"{datetime.now():%Y-%m-%d}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     Console().print(table(results))
+    dates = sorted(r["measured"] for r in measured.values())
+    if dates and (args.work or not args.quick):
+        console.print(f"sections measured {dates[0]} .. {dates[-1]}, kept in {work}")
+    if missing:
+        console.print(f"[yellow]not measured yet[/yellow]: {', '.join(missing)}")
     console.print(f"written {out}")
 
 
@@ -232,38 +314,50 @@ def _label_rows(t: Table, name: str, summary: dict) -> None:
 
 
 def table(results: dict[str, Any]) -> Table:
+    """The sections measured so far; a section not measured yet has no rows."""
     t = Table(title=f"rrome bench ({'quick' if results['quick'] else 'full'}), SmolLM2-135M, CPU")
     t.add_column("what")
     t.add_column("value", justify="right")
-    s = results["speed"]
-    t.add_row(
-        "edit time, median [q1, q3] (s)",
-        f"{s['total']['median']:.2f} [{s['total']['q1']:.2f}, {s['total']['q3']:.2f}]",
-    )
-    for k in ("keys", "values", "solve", "apply", "step"):
-        t.add_row(f"  {k} (s)", f"{s[k]['median']:.3f}")
-    t.add_row("  steps taken (median)", f"{s['steps']['median']:.0f}")
-    t.add_row("  overhead ratio (edit / steps x step)", f"{s['overhead']['median']:.2f}")
-    st = results["stats"]
-    t.add_row(
-        "stats pass tokens/s (vs full forward)",
-        f"{st['stats_tokens_per_s']:.0f} ({st['speedup_vs_full_forward']:.2f}x)",
-    )
-    m = results["memory"]
-    t.add_row(
-        "edit peak / memcheck prediction (MiB)",
-        f"{m['measured_bytes'] / 2**20:.0f} / {m['predicted_bytes'] / 2**20:.0f}"
-        f" ({m['ratio']:.2f})",
-    )
-    for name, summary in results["quality"].items():
-        for metric in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns"):
-            t.add_row(
-                f"{name}: {metric} post (pre {_m(summary, 'pre', metric)})",
-                _m(summary, "post", metric),
-            )
-        t.add_row(f"{name}: S post", f"{summary['score'].get('post') or float('nan'):.3f}")
-        _label_rows(t, name, summary)
-    q = results["sequential"]
+    sections = results["sections"]
+    if s := sections.get("speed"):
+        t.add_row(
+            "edit time, median [q1, q3] (s)",
+            f"{s['total']['median']:.2f} [{s['total']['q1']:.2f}, {s['total']['q3']:.2f}]",
+        )
+        for k in ("keys", "values", "solve", "apply", "step"):
+            t.add_row(f"  {k} (s)", f"{s[k]['median']:.3f}")
+        t.add_row("  steps taken (median)", f"{s['steps']['median']:.0f}")
+        t.add_row("  overhead ratio (edit / steps x step)", f"{s['overhead']['median']:.2f}")
+    if st := sections.get("stats"):
+        t.add_row(
+            "stats pass tokens/s (vs full forward)",
+            f"{st['stats_tokens_per_s']:.0f} ({st['speedup_vs_full_forward']:.2f}x)",
+        )
+    if m := sections.get("memory"):
+        t.add_row(
+            "edit peak / memcheck prediction (MiB)",
+            f"{m['measured_bytes'] / 2**20:.0f} / {m['predicted_bytes'] / 2**20:.0f}"
+            f" ({m['ratio']:.2f})",
+        )
+    for key, summary in sections.items():
+        if key.startswith("quality: "):
+            _quality_rows(t, key.removeprefix("quality: "), summary)
+    if q := sections.get("sequential"):
+        _sequential_rows(t, q)
+    return t
+
+
+def _quality_rows(t: Table, name: str, summary: dict) -> None:
+    for metric in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns"):
+        t.add_row(
+            f"{name}: {metric} post (pre {_m(summary, 'pre', metric)})",
+            _m(summary, "post", metric),
+        )
+    t.add_row(f"{name}: S post", f"{summary['score'].get('post') or float('nan'):.3f}")
+    _label_rows(t, name, summary)
+
+
+def _sequential_rows(t: Table, q: dict) -> None:
     for metric in ("rewrite_acc", "rephrase_acc", "locality"):
         t.add_row(f"sequential {q['n_records']}: {metric} immediate", _m(q, "post", metric))
     _label_rows(t, "sequential (immediate)", q)
@@ -277,7 +371,6 @@ def table(results: dict[str, Any]) -> Table:
         f"{q['baseline_entropy']:.3f} -> {curve[-1][1]:.3f}" if curve else "-",
     )
     t.add_row("sequential: collapsed", str(q.get("collapsed")))
-    return t
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from key_transfer import located, rephrased  # noqa: E402
 from transformers import PreTrainedTokenizerBase  # noqa: E402
 
+from bench import edit_inputs  # noqa: E402
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.keys import Templated, keys_at, templated  # noqa: E402
-from rrome_cli.engine.templates import generate_templates  # noqa: E402
 from rrome_cli.engine.update import (  # noqa: E402
     KeyCovariance,
     Patch,
@@ -51,7 +51,6 @@ from rrome_cli.evaluate.metrics import evaluate_request  # noqa: E402
 from rrome_cli.evaluate.tokens import score_answers  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests  # noqa: E402
-from rrome_cli.run import RunOptions, prepare_covariances  # noqa: E402
 
 
 def natural_transfer(lm: LoadedModel, requests: list[EditRequest]) -> dict[str, float]:
@@ -132,8 +131,8 @@ def main() -> None:
         changes = {"v_stop": "every", "v_num_grad_steps": args.steps}
         changes["clamp_norm_factor"] = args.clamp or hp.clamp_norm_factor
     edit_hp = HParams(**(hp.to_dict() | changes))
-    cov = prepare_covariances(lm, hp, RunOptions(requests=""))[0][hp.layers[0]]
-    templates = generate_templates(lm.model, lm.tok, hp.context_template_length_params)
+    covariances, templates = edit_inputs(lm, hp)
+    cov = covariances[hp.layers[0]]
     name = "oracle" if args.extra == "rephrase" else "inserts"
     out_dir = ROOT / "runs" / "rephrase-ceiling"
     out_dir.mkdir(parents=True, exist_ok=True)
