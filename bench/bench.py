@@ -3,6 +3,7 @@
     python bench/bench.py            # the full protocol (hours on a 2-core CPU)
     python bench/bench.py --quick    # a reduced version (minutes)
     python bench/bench.py --only "C=I"   # only the sections whose name has "C=I"
+    python bench/bench.py --table        # measure nothing: the table of what is measured
 
 The full bench keeps its runs and finished sections under runs/bench/full (--work DIR): run the
 same command again to continue an interrupted bench (a finished section is not measured twice;
@@ -226,7 +227,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-=" else "_" for c in name)
 
 
-def run_sections(todo: dict[str, Callable[[], Any]], work: Path, only: list[str]) -> dict:
+def run_sections(
+    todo: dict[str, Callable[[], Any]], work: Path, only: list[str], measure: bool = True
+) -> dict:
     """Each section's result, measured now or read back from an earlier (interrupted) bench.
 
     A finished section is kept in ``work/sections/<name>.json`` with the date it was measured,
@@ -235,11 +238,11 @@ def run_sections(todo: dict[str, Callable[[], Any]], work: Path, only: list[str]
     done_dir = work / "sections"
     done_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, measure in todo.items():
+    for name, run in todo.items():
         path = done_dir / f"{_slug(name)}.json"
-        if not path.exists() and (not only or any(o in name for o in only)):
+        if measure and not path.exists() and (not only or any(o in name for o in only)):
             console.print(f"{name} ...")
-            result = {"measured": datetime.now().isoformat(timespec="seconds"), **measure()}
+            result = {"measured": datetime.now().isoformat(timespec="seconds"), **run()}
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
         if path.exists():
             results[name] = json.loads(path.read_text())
@@ -262,6 +265,9 @@ def main() -> None:
         help="run only the sections whose name holds this text (repeatable), e.g. 'C=I' or "
         "'quality: rome' ('rome' alone also picks the r-rome sections)",
     )
+    parser.add_argument(
+        "--table", action="store_true", help="measure nothing: the table of what is measured"
+    )
     args = parser.parse_args()
     loaded = load_model(None)
     hp = load_hparams(shipped_hparams("smollm2-135m"))
@@ -269,7 +275,7 @@ def main() -> None:
         # the quick bench measures afresh each time; the full one continues where it stopped
         work = args.work or (Path(tmp) if args.quick else ROOT / "runs" / "bench" / "full")
         todo = sections(loaded, hp, args.quick, work)
-        measured = run_sections(todo, work, args.only)
+        measured = run_sections(todo, work, args.only, measure=not args.table)
     missing = [name for name in todo if name not in measured]
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
