@@ -29,7 +29,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
-from functools import partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ PHRASINGS = ROOT / "data" / "counterfact-phrasings.json"
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stats import bench_stats  # noqa: E402
-from rephrase_split import LABELS, rephrase_by_case, split, with_seen_phrasing  # noqa: E402
+from rephrase_split import read_labels, read_rows, rephrase_by_case, split, with_seen_phrasing  # noqa: E402
 
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.edit import edit  # noqa: E402
@@ -135,10 +135,10 @@ def quality(
         loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET, resume=resume
     )
     if labelled:
-        labels = json.loads(LABELS.read_text())["same_question"]
-        report = run_dir / "report.jsonl"
-        scores = rephrase_by_case(report, "post")
-        summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(report))
+        labels, second = read_labels()
+        rows = read_rows(run_dir / "report.jsonl")
+        scores = rephrase_by_case(rows, "post")
+        summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(rows), second)
     return summary
 
 
@@ -179,9 +179,10 @@ def config(hp: HParams, **changes: Any) -> HParams:
 
 
 def sections(
-    loaded: LoadedModel, hp: HParams, quick: bool, work: Path
+    model: Callable[[], LoadedModel], hp: HParams, quick: bool, work: Path
 ) -> dict[str, Callable[[], Any]]:
-    """Every measurement of the bench, by name, in the order they run; none runs here."""
+    """Every measurement of the bench, by name, in the order they run; none runs here.
+    ``model`` loads the model when a section first needs it (``--table`` never does)."""
     n_speed, n_quality, n_seq, stats_tokens = (3, 2, 4, 5_000) if quick else (20, 200, 300, 20_000)
     cf = SHARED / "counterfact" / "counterfact-edit.json"
     zsre = SHARED / "zsre" / "zsre_mend_train-1k.json"
@@ -197,21 +198,24 @@ def sections(
         "r-rome, C=I": config(hp, mom2_adjustment=False),
         "rome + C": config(hp, variant="rome"),
     }
-    todo: dict[str, Callable[[], Any]] = {
-        "speed": lambda: speed(loaded, hp, speed_reqs),
-        "stats": lambda: bench_stats(loaded, hp.layers[0], stats_tokens),
-        "memory": lambda: memory(loaded, hp, speed_reqs[0]),
+
+    def later(measure: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+        return lambda: measure(model(), *args, **kwargs)
+
+    todo = {
+        "speed": later(speed, hp, speed_reqs),
+        "stats": later(bench_stats, hp.layers[0], stats_tokens),
+        "memory": later(memory, hp, speed_reqs[0]),
     }
     for name, h in variants.items():
         for dataset, path in paths.items():
             key = f"{name} | {dataset}"
-            todo[f"quality: {key}"] = partial(
-                quality, loaded, h, path, work / _slug(key), labelled=dataset == "counterfact"
+            todo[f"quality: {key}"] = later(
+                quality, h, path, work / _slug(key), labelled=dataset == "counterfact"
             )
     key = "r-rome + C, --phrasings | counterfact"
-    todo[f"quality: {key}"] = partial(
+    todo[f"quality: {key}"] = later(
         quality,
-        loaded,
         hp,
         paths["counterfact"],
         work / _slug(key),
@@ -219,7 +223,7 @@ def sections(
         phrasings=str(PHRASINGS),
     )
     seq_path = requests_file(cf, "counterfact", 0, n_seq, data)
-    todo["sequential"] = partial(sequential, loaded, hp, seq_path, work / "sequential", n_seq)
+    todo["sequential"] = later(sequential, hp, seq_path, work / "sequential", n_seq)
     return todo
 
 
@@ -269,12 +273,12 @@ def main() -> None:
         "--table", action="store_true", help="measure nothing: the table of what is measured"
     )
     args = parser.parse_args()
-    loaded = load_model(None)
+    model = cache(lambda: load_model(None))
     hp = load_hparams(shipped_hparams("smollm2-135m"))
     with tempfile.TemporaryDirectory() as tmp:
         # the quick bench measures afresh each time; the full one continues where it stopped
         work = args.work or (Path(tmp) if args.quick else ROOT / "runs" / "bench" / "full")
-        todo = sections(loaded, hp, args.quick, work)
+        todo = sections(model, hp, args.quick, work)
         measured = run_sections(todo, work, args.only, measure=not args.table)
     missing = [name for name in todo if name not in measured]
     results: dict[str, Any] = {

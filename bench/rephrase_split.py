@@ -4,8 +4,9 @@ whether it contains one of the request's relation phrasings (``--phrasings``).
 In the EasyEdit CounterFact file, a ``rephrase_prompt`` is not always a paraphrase: on the first
 200 records, 88 ask for another attribute ("Thomas Joannes Stieltjes was born in" for an edit of
 his mother tongue to "English"), where the edited target is not a fitting answer at all.
-``bench/counterfact-rephrase-labels.json`` holds a hand label per record (its ``how`` field says
-how they were made); this script reads a run's ``report.jsonl`` (or rows with a top-level
+``bench/counterfact-rephrase-labels.json`` holds a hand label per record by two readers, the
+second blind to the first (their ``how`` fields say how they were made; they agree on 185 of
+200, kappa 0.85); this script reads a run's ``report.jsonl`` (or rows with a top-level
 ``rephrase_acc``, as ``bench/rephrase_ceiling.py`` writes) and prints the rephrase mean with
 95% bootstrap intervals on each side of the label. When the edits were optimised on relation
 phrasings, a rephrased prompt may hold one of them ("[other text]. Danielle Darrieux is a native
@@ -26,11 +27,21 @@ from rrome_cli.evaluate.summary import bootstrap_interval
 LABELS = Path(__file__).resolve().parent / "counterfact-rephrase-labels.json"
 
 
-def rephrase_by_case(path: Path, phase: str) -> dict[str, float]:
-    """case_id -> rephrase accuracy, for every applied record of ``path`` (JSON Lines)."""
+def read_labels() -> tuple[dict[str, bool], dict[str, bool]]:
+    """case_id -> same question?, by the first reader and by the second (blind) reader."""
+    labels = json.loads(LABELS.read_text())
+    return labels["same_question"], labels["second_reader"]["same_question"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a report (JSON Lines)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rephrase_by_case(rows: list[dict], phase: str) -> dict[str, float]:
+    """case_id -> rephrase accuracy, for every applied record of a report."""
     out = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows:
         if row.get("status", "applied") != "applied":
             continue
         metrics = row.get(phase, row)
@@ -39,11 +50,10 @@ def rephrase_by_case(path: Path, phase: str) -> dict[str, float]:
     return out
 
 
-def with_seen_phrasing(path: Path) -> set[str]:
+def with_seen_phrasing(rows: list[dict]) -> set[str]:
     """case_ids whose rephrased prompt contains one of the request's phrasings, filled."""
     seen = set()
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows:
         request = row.get("request", {})
         filled = [p.replace("{}", request.get("subject", "")) for p in request.get("phrasings", [])]
         if any(f in r for f in filled for r in request.get("rephrase_prompt", [])):
@@ -52,15 +62,23 @@ def with_seen_phrasing(path: Path) -> set[str]:
 
 
 def split(
-    scores: dict[str, float], labels: dict[str, bool], seen: set[str] | None = None
+    scores: dict[str, float],
+    labels: dict[str, bool],
+    seen: set[str] | None = None,
+    second: dict[str, bool] | None = None,
 ) -> dict[str, dict]:
     """Mean and interval of the labelled records, all of them and on each side of the label
-    (and, given ``seen``, of the same-question records whose rephrase holds no phrasing)."""
+    (given ``second``, another reader's labels: also the records both call the same question;
+    given ``seen``: the same-question records whose rephrase holds no phrasing)."""
     groups = {
         "all labelled": [s for c, s in scores.items() if c in labels],
         "same question": [s for c, s in scores.items() if labels.get(c) is True],
         "other question": [s for c, s in scores.items() if labels.get(c) is False],
     }
+    if second:
+        groups["same, both readers"] = [
+            s for c, s in scores.items() if labels.get(c) is True and second.get(c) is True
+        ]
     if seen:
         groups["phrasing seen"] = [s for c, s in scores.items() if c in seen]
         groups["phrasing unseen"] = [s for c, s in scores.items() if c not in seen]
@@ -81,12 +99,13 @@ def main() -> None:
     parser.add_argument("report", type=Path)
     parser.add_argument("--phase", default="post", help="pre or post (report.jsonl only)")
     args = parser.parse_args()
-    labels = json.loads(LABELS.read_text())["same_question"]
-    seen = with_seen_phrasing(args.report)
-    result = split(rephrase_by_case(args.report, args.phase), labels, seen)
+    labels, second = read_labels()
+    rows = read_rows(args.report)
+    scores = rephrase_by_case(rows, args.phase)
+    result = split(scores, labels, with_seen_phrasing(rows), second)
     for name, r in result.items():
         print(
-            f"{name:>15}: n {r['n']:3d}  rephrase {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
+            f"{name:>18}: n {r['n']:3d}  rephrase {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
         )
     print(json.dumps({"report": str(args.report), "phase": args.phase, **result}))
 
