@@ -162,11 +162,11 @@ def sequential(loaded: LoadedModel, hp: HParams, path: Path, out: Path, n: int) 
         retrospective=True,
         probe_every=max(1, n // 10),
     )
-    retro = [json.loads(x) for x in (out / "retrospective.jsonl").read_text().splitlines()]
+    retro = read_rows(out / "retrospective.jsonl")
     first = retro[: max(1, min(100, len(retro) // 3))]
     summary["retro_rewrite_first"] = statistics.mean(r["retro"]["rewrite_acc"] for r in first)
     summary["retro_first_n"] = len(first)
-    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    records = read_rows(out / "report.jsonl")
     summary["entropy_curve"] = [
         (r["index"], r["probe_entropy"]) for r in records if "probe_entropy" in r
     ]
