@@ -10,12 +10,13 @@ same command again to continue an interrupted bench (a finished section is not m
 a quality run resumes where it stopped), so it can be run in pieces. Delete that folder to
 measure everything afresh. The quick bench measures afresh each time.
 
-Prints one table and writes ``bench/results/<date>.json`` with the machine and library versions.
+Prints its tables (``--markdown``: the quality table in Markdown, for the README) and writes
+``bench/results/<date>.json`` with the machine and library versions.
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
 statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
 independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome; and
-r-rome with CounterFact's relation phrasings) and a sequential run (immediate and retrospective
-metrics, update norms, entropy, collapse).
+r-rome with CounterFact's relation phrasings; fluency pre and post from each run's patches) and
+a sequential run (immediate and retrospective metrics, update norms, entropy, collapse).
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ from rephrase_split import read_labels, read_rows, rephrase_by_case, split, with
 from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
 from rrome_cli.engine.edit import edit  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
-from rrome_cli.engine.update import KeyCovariance  # noqa: E402
+from rrome_cli.engine.update import (  # noqa: E402
+    KeyCovariance,
+    Patch,
+    apply_patch,
+    load_patches,
+    restore_weight,
+)
+from rrome_cli.evaluate import summarise  # noqa: E402
+from rrome_cli.evaluate.fluency import generate, n_gram_entropy  # noqa: E402
 from rrome_cli.memcheck import geometry_for, measure_peak, plan  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
@@ -125,7 +134,8 @@ def memory(loaded: LoadedModel, hp: HParams, request: EditRequest) -> dict[str, 
 def quality(
     loaded: LoadedModel, hp: HParams, path: Path, out: Path, labelled: bool = False, **opts: Any
 ) -> dict:
-    """The run's summary; ``labelled`` (CounterFact): with rephrase split by whether the
+    """The run's summary, with the median seconds and steps per edit and (independent runs)
+    fluency pre and post; ``labelled`` (CounterFact): with rephrase split by whether the
     rephrased prompt asks the same question (bench/counterfact-rephrase-labels.json).
     A run left unfinished in ``out`` (an earlier, interrupted bench) is resumed."""
     resume = out if (out / "report.jsonl").exists() else None
@@ -134,12 +144,67 @@ def quality(
     run_dir, summary = run_edits(
         loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET, resume=resume
     )
+    rows = read_rows(run_dir / "report.jsonl")
+    applied = [r for r in rows if r["status"] == "applied"]
+    if applied:  # time per edit (both evaluations included) and value-optimisation steps
+        steps = [r["guard"]["steps"] for r in applied]
+        summary["edit"] = {
+            "seconds_median": statistics.median(r["seconds"] for r in applied),
+            "steps_median": statistics.median(steps),
+            "capped": sum(s >= hp.v_num_grad_steps for s in steps),
+        }
+    if not opts.get("sequential"):
+        for phase, stats in fluency(loaded, run_dir).items():
+            summary["metrics"][phase]["fluency"] = stats
     if labelled:
         labels, second = read_labels()
-        rows = read_rows(run_dir / "report.jsonl")
         scores = rephrase_by_case(rows, "post")
         summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(rows), second)
     return summary
+
+
+FLUENCY_RECORDS = 100  # the first records of a run; a post-edit generation takes ~4 s here
+
+
+def fluency(
+    loaded: LoadedModel, run_dir: Path, limit: int = FLUENCY_RECORDS
+) -> dict[str, dict[str, float]]:
+    """Fluency pre and post edit of an independent run's first ``limit`` records: ROME's n-gram
+    entropy of a greedy 50-token generation from each edited prompt, as ``rrome edit
+    --fluency`` measures it, taken afterwards from the run's patches so that finished runs need
+    not be redone (pre: the prompts in one batch on the unedited model; post: each record's
+    patch applied alone, the generation made, the weight restored bit for bit). Rows are kept
+    in ``run_dir/fluency.jsonl``, so an interrupted pass continues; a record without a patch
+    (runs made before patches were saved per record lost some on a resume) is left out."""
+    model, tok = loaded.model, loaded.tok
+    by_name: dict[str, list[Patch]] = {}
+    for patch in load_patches(run_dir / "patches.safetensors"):
+        by_name.setdefault(patch.request, []).append(patch)
+    path = run_dir / "fluency.jsonl"
+    rows = read_rows(path) if path.exists() else []
+    done = {r["index"] for r in rows}
+    todo = []  # (report record, its patches, its prompt)
+    for record in read_rows(run_dir / "report.jsonl")[:limit]:
+        patches = by_name.get(str(record["case_id"])) or by_name.get(record["source"], [])
+        if record["index"] not in done and record["status"] == "applied" and patches:
+            request = record["request"]
+            todo.append((record, patches, request["prompt"].replace("{}", request["subject"])))
+    pre = generate(model, tok, [prompt for _, _, prompt in todo]) if todo else []
+    with path.open("a") as out:
+        for (record, patches, prompt), pre_text in zip(todo, pre, strict=True):
+            saved = [(p.module, apply_patch(model, p)) for p in patches]
+            post_text = generate(model, tok, [prompt])[0]
+            for module, weight in reversed(saved):
+                restore_weight(model.get_submodule(module), weight)
+            row = {"index": record["index"]}
+            row |= {"pre": {"fluency": n_gram_entropy([pre_text])}}
+            row |= {"post": {"fluency": n_gram_entropy([post_text])}}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            rows.append(row)
+    if not rows:
+        return {}
+    return {phase: table["fluency"] for phase, table in summarise(rows)["metrics"].items()}
 
 
 def _same_recipe(out: Path, hp: HParams) -> None:
@@ -272,6 +337,9 @@ def main() -> None:
     parser.add_argument(
         "--table", action="store_true", help="measure nothing: the table of what is measured"
     )
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the quality table in Markdown"
+    )
     args = parser.parse_args()
     model = cache(lambda: load_model(None))
     hp = load_hparams(shipped_hparams("smollm2-135m"))
@@ -299,7 +367,11 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"{datetime.now():%Y-%m-%d}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    Console().print(table(results))
+    if args.markdown:
+        print(markdown(measured))
+    else:
+        Console().print(table(results))
+        Console(width=max(Console().width, 170)).print(quality_table(measured))  # 11 columns
     dates = sorted(r["measured"] for r in measured.values())
     if dates and (args.work or not args.quick):
         console.print(f"sections measured {dates[0]} .. {dates[-1]}, kept in {work}")
@@ -324,7 +396,7 @@ def _label_rows(t: Table, name: str, summary: dict) -> None:
 
 
 def table(results: dict[str, Any]) -> Table:
-    """The sections measured so far; a section not measured yet has no rows."""
+    """Speed, statistics, memory and the sequential run: what is measured so far."""
     t = Table(title=f"rrome bench ({'quick' if results['quick'] else 'full'}), SmolLM2-135M, CPU")
     t.add_column("what")
     t.add_column("value", justify="right")
@@ -349,22 +421,74 @@ def table(results: dict[str, Any]) -> Table:
             f"{m['measured_bytes'] / 2**20:.0f} / {m['predicted_bytes'] / 2**20:.0f}"
             f" ({m['ratio']:.2f})",
         )
-    for key, summary in sections.items():
-        if key.startswith("quality: "):
-            _quality_rows(t, key.removeprefix("quality: "), summary)
     if q := sections.get("sequential"):
         _sequential_rows(t, q)
     return t
 
 
-def _quality_rows(t: Table, name: str, summary: dict) -> None:
-    for metric in ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns"):
-        t.add_row(
-            f"{name}: {metric} post (pre {_m(summary, 'pre', metric)})",
-            _m(summary, "post", metric),
-        )
-    t.add_row(f"{name}: S post", f"{summary['score'].get('post') or float('nan'):.3f}")
-    _label_rows(t, name, summary)
+# quality table: column -> metric of the run summary (post-edit unless the row is "unedited")
+QUALITY = {
+    "rewrite": "rewrite_acc",
+    "rephrase": "rephrase_acc",
+    "locality": "locality",
+    "ES": "es",
+    "PS": "ps",
+    "NS": "ns",
+    f"fluency, first {FLUENCY_RECORDS}": "fluency",
+}
+QUALITY_HEADER = ["run", *QUALITY, "same q. / both", "S", "s/edit"]
+
+
+def quality_rows(sections: dict[str, Any], sep: str = "\n") -> list[list[str]]:
+    """One row per quality run (mean, then the 95% interval after ``sep``), after an
+    "unedited" row per dataset; "same q. / both": rephrase on the CounterFact records whose
+    rephrase asks the same question (first reader / both readers); s/edit: median, both
+    evaluations included."""
+    by_dataset: dict[str, list[list[str]]] = {}
+    for key, summary in sections.items():
+        if not key.startswith("quality: "):
+            continue
+        variant, dataset = key.removeprefix("quality: ").rsplit(" | ", 1)
+        if dataset not in by_dataset:
+            by_dataset[dataset] = [_quality_row(f"{dataset}: unedited", summary, "pre", sep)]
+        by_dataset[dataset].append(_quality_row(f"{dataset}: {variant}", summary, "post", sep))
+    return [row for rows in by_dataset.values() for row in rows]
+
+
+def _quality_row(name: str, summary: dict, phase: str, sep: str) -> list[str]:
+    metrics = summary["metrics"].get(phase, {})
+    cells = [name] + [_cell(metrics.get(m), sep) for m in QUALITY.values()]
+    labels = summary.get("rephrase_by_label", {}) if phase == "post" else {}
+    same = [labels[g]["mean"] for g in ("same question", "same, both readers") if g in labels]
+    cells.append(" / ".join(f"{v:.3f}" for v in same) or "-")
+    score = summary["score"].get(phase)
+    cells.append(f"{score:.3f}" if score is not None else "-")
+    seconds = summary.get("edit", {}).get("seconds_median") if phase == "post" else None
+    cells.append(f"{seconds:.1f}" if seconds is not None else "-")
+    return cells
+
+
+def _cell(m: dict | None, sep: str) -> str:
+    if not m:
+        return "-"
+    places = 2 if m["mean"] > 10 else 3  # fluency is in bits (about 5), the rest in [0, 1]
+    return f"{m['mean']:.{places}f}{sep}[{m['low']:.2f}, {m['high']:.2f}]"
+
+
+def quality_table(sections: dict[str, Any]) -> Table:
+    t = Table(title="quality, independent mode: post-edit mean [95% bootstrap interval]")
+    for i, name in enumerate(QUALITY_HEADER):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    for row in quality_rows(sections):
+        t.add_row(*row)
+    return t
+
+
+def markdown(sections: dict[str, Any]) -> str:
+    """The quality table in Markdown (the README's Results section)."""
+    lines = ["| " + " | ".join(QUALITY_HEADER) + " |", "|" + "---|" * len(QUALITY_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in quality_rows(sections, sep=" ")]
+    return "\n".join(lines)
 
 
 def _sequential_rows(t: Table, q: dict) -> None:

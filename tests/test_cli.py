@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
+from rrome_cli.engine.update import load_patches
 from rrome_cli.models.loading import load_model
 from rrome_cli.run import RunOptions, run_edits
 
@@ -148,7 +149,8 @@ def _strip_times(record: dict) -> dict:
 def test_resume_after_crash_matches_uninterrupted_run(
     tmp_path: Path, sequential: bool, protect: float
 ) -> None:
-    """Sequential resume re-applies the saved patches and re-protects their keys."""
+    """A resumed run gives the uninterrupted run's report and patches: independent runs keep
+    the patches made before the crash; sequential ones re-apply them and re-protect their keys."""
     from dataclasses import replace
 
     from rich.console import Console
@@ -164,8 +166,8 @@ def test_resume_after_crash_matches_uninterrupted_run(
     class Crash(Exception):
         pass
 
-    def crash_after_two(record: dict) -> None:
-        if record["index"] == 1:
+    def crash_after_three(record: dict) -> None:
+        if record["index"] == 2:
             raise Crash
 
     with pytest.raises(Crash):
@@ -174,9 +176,12 @@ def test_resume_after_crash_matches_uninterrupted_run(
             hp,
             options(tmp_path / "cut"),
             console,
-            after_record=crash_after_two,
+            after_record=crash_after_three,
         )
-    assert len((tmp_path / "cut" / "report.jsonl").read_text().splitlines()) == 2
+    # as if killed after the third edit's patch was saved but before its report line
+    cut_report = tmp_path / "cut" / "report.jsonl"
+    cut_report.write_text("".join(cut_report.read_text().splitlines(keepends=True)[:2]))
+    assert len(load_patches(tmp_path / "cut" / "patches.safetensors")) == 3
     run_edits(
         load_model("tiny-llama"), hp, options(tmp_path / "cut"), console, resume=tmp_path / "cut"
     )
@@ -185,6 +190,11 @@ def test_resume_after_crash_matches_uninterrupted_run(
         return [_strip_times(json.loads(x)) for x in (d / "report.jsonl").read_text().splitlines()]
 
     assert report(tmp_path / "cut") == report(full_dir)
+    cut, full = (load_patches(d / "patches.safetensors") for d in (tmp_path / "cut", full_dir))
+    case_ids = [str(r["case_id"]) for r in report(full_dir)]  # case 0 is named "0" too
+    assert [p.request for p in cut] == [p.request for p in full] == case_ids
+    for a, b in zip(cut, full, strict=True):
+        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
 
 
 def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:
@@ -296,6 +306,13 @@ def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
     assert records[-1]["post"]["nll_new"] == pytest.approx(edited[-1]["post"]["nll_new"], 1e-4)
     assert records[0]["pre"]["nll_new"] == pytest.approx(edited[0]["pre"]["nll_new"], 1e-4)
     assert "<svg" in html.read_text()
+    assert "independent run" not in result.stderr
+    alone = tmp_path / "alone"  # an independent run's patches, applied together: a warning
+    assert run("edit", str(SAMPLE), *base, "--out", str(alone)).exit_code == 0
+    patches = str(alone / "patches.safetensors")
+    result = run("eval", str(SAMPLE), *base, "--patches", patches, "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.stderr
+    assert "independent run" in " ".join(result.stderr.split())
     same = tmp_path / "same"
     result = run("eval", str(SAMPLE), *base, "--compare", "tiny-llama", "--out", str(same))
     assert result.exit_code == 0, result.stderr

@@ -158,7 +158,7 @@ def edit_layer(
     t3 = time.perf_counter()
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
     t4 = time.perf_counter()
-    request_name = str(request.case_id or request.source)
+    request_name = str(request.source if request.case_id is None else request.case_id)
     # where the edit writes and where it is read: what a protected sequential run keeps
     written_read = torch.cat([torch.stack([k_star, k_prompt]), k_after]).to(u.device)
     patch = Patch(layer, module_name, u, right, str(w.dtype), request_name, written_read)

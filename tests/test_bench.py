@@ -1,0 +1,53 @@
+"""The bench's own measurements that are not a run of `rrome edit` (bench/bench.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from rich.console import Console
+
+from rrome_cli.config import load_hparams, shipped_hparams
+from rrome_cli.models.loading import load_model
+from rrome_cli.run import RunOptions, run_edits
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "counterfact-sample.jsonl"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fluency_from_patches_equals_fluency_measured_in_the_run(tmp_path: Path) -> None:
+    """Each patch applied alone afterwards gives the generation the run itself scored, and the
+    model is left as it was; a second pass measures nothing again."""
+    loaded = load_model("tiny-llama")
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    opts = RunOptions(requests=str(SAMPLE), limit=4, out=tmp_path / "run", fluency=True)
+    run_dir, summary = run_edits(loaded, hp, opts, Console(quiet=True))
+    report = [json.loads(line) for line in (run_dir / "report.jsonl").read_text().splitlines()]
+    assert any(r["pre"]["fluency"] != r["post"]["fluency"] for r in report)  # edits show
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+    stats = _bench().fluency(loaded, run_dir)
+
+    rows = [json.loads(line) for line in (run_dir / "fluency.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [r["index"] for r in report]
+    for row, record in zip(rows, report, strict=True):  # pre: one batch, so within rounding
+        assert row["pre"]["fluency"] == pytest.approx(record["pre"]["fluency"], rel=1e-9)
+        assert row["post"]["fluency"] == record["post"]["fluency"]
+    for phase in ("pre", "post"):
+        expected = summary["metrics"][phase]["fluency"]["mean"]
+        assert stats[phase]["mean"] == pytest.approx(expected, rel=1e-9)
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _bench().fluency(loaded, run_dir) == stats
+    assert len((run_dir / "fluency.jsonl").read_text().splitlines()) == len(rows)
