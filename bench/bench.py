@@ -471,8 +471,7 @@ def _quality_row(name: str, summary: dict, phase: str, sep: str) -> list[str]:
 def _cell(m: dict | None, sep: str) -> str:
     if not m:
         return "-"
-    places = 2 if m["mean"] > 10 else 3  # fluency is in bits (about 5), the rest in [0, 1]
-    return f"{m['mean']:.{places}f}{sep}[{m['low']:.2f}, {m['high']:.2f}]"
+    return f"{m['mean']:.3f}{sep}[{m['low']:.2f}, {m['high']:.2f}]"
 
 
 def quality_table(sections: dict[str, Any]) -> Table:
