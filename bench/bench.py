@@ -381,8 +381,7 @@ def main() -> None:
 
 
 def _m(summary: dict, phase: str, metric: str) -> str:
-    m = summary["metrics"].get(phase, {}).get(metric)
-    return f"{m['mean']:.3f} [{m['low']:.2f},{m['high']:.2f}]" if m else "-"
+    return _cell(summary["metrics"].get(phase, {}).get(metric), " ")
 
 
 def _label_rows(t: Table, name: str, summary: dict) -> None:
