@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -28,3 +29,11 @@ def family(request: pytest.FixtureRequest) -> str:
 def tiny(family: str):
     """(model, tokenizer) of a tiny random model of each supported family."""
     return tiny_model(family)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common umask (files 0644, directories 0755), whatever the test runner's."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

@@ -269,6 +269,7 @@ def test_apply_patches_reproduces_the_edited_model_and_revert_undoes_it(tmp_path
     applied = tmp_path / "applied"
     result = run("apply", patches, "--model", "tiny-llama", "--out", str(applied))
     assert result.exit_code == 0, result.stderr
+    assert "independent run" not in result.stderr
     edited = load_file(str(run_dir / "model" / "model.safetensors"))
     again = load_file(str(applied / "model.safetensors"))
     assert all(torch.equal(edited[k], again[k]) for k in edited)  # bit for bit
@@ -311,6 +312,9 @@ def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
     assert run("edit", str(SAMPLE), *base, "--out", str(alone)).exit_code == 0
     patches = str(alone / "patches.safetensors")
     result = run("eval", str(SAMPLE), *base, "--patches", patches, "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.stderr
+    assert "independent run" in " ".join(result.stderr.split())
+    result = run("apply", patches, "--model", "tiny-llama", "--out", str(tmp_path / "ckpt"))
     assert result.exit_code == 0, result.stderr
     assert "independent run" in " ".join(result.stderr.split())
     same = tmp_path / "same"

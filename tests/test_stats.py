@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -179,7 +180,7 @@ def test_budget_larger_than_corpus_is_an_error(llama, corpus, tmp_path) -> None:
         run(model, tok, names, corpus, tmp_path, tokens=10**6)
 
 
-def test_cache_hit_runs_no_forward(llama, corpus, tmp_path) -> None:
+def test_cache_hit_runs_no_forward(llama, corpus, tmp_path, umask_022) -> None:
     model, tok, names = llama
     with count_forwards(model, names) as calls:
         first = run(model, tok, names, corpus, tmp_path)
@@ -187,6 +188,7 @@ def test_cache_hit_runs_no_forward(llama, corpus, tmp_path) -> None:
         second = run(model, tok, names, corpus, tmp_path)
     assert computed > 0 and calls[0] == computed
     assert first.path is not None and first.path.exists() and second.path == first.path
+    assert stat.S_IMODE(first.path.stat().st_mode) == 0o644  # a shared cache: group-readable
     assert torch.equal(first.mom2, second.mom2)
     assert not list(tmp_path.glob("*.partial.safetensors")) and not list(tmp_path.glob(".*tmp"))
     with safe_open(str(first.path), framework="pt") as fh:

@@ -506,11 +506,13 @@ def apply_cmd(
     """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint."""
     from rrome_cli.engine.update import apply_patch, load_patches, revert_patch
     from rrome_cli.models.loading import load_model
-    from rrome_cli.run import save_model_atomic
+    from rrome_cli.run import save_model_atomic, warn_if_independent
 
     def body() -> None:
         loaded = load_model(model, _dtype(fp16, bf16), devices)
         found = load_patches(patches)
+        if not revert:
+            warn_if_independent(patches, len(found), console)
         for patch in reversed(found) if revert else found:
             (revert_patch if revert else apply_patch)(loaded.model, patch)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from rrome_cli.evaluate import (
     first_drift,
     probe_entropy,
 )
+from rrome_cli.files import publish
 from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import (
@@ -483,11 +484,24 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def warn_if_independent(patches: Path, n: int, console: Console) -> None:
+    """Patches of an independent run were each made on the unedited model: applied together
+    (``rrome eval --patches``, ``rrome apply``) they give a model that run never evaluated."""
+    run_json = patches.parent / "run.json"
+    if n > 1 and run_json.exists():
+        if json.loads(run_json.read_text()).get("protocol") == "independent":
+            console.print(
+                f"[yellow]{patches}: these {n} patches come from an independent run (each made "
+                "on the unedited model); here they are applied all together"
+            )
+
+
 def save_model_atomic(loaded: LoadedModel, target: Path) -> None:
     """save_pretrained (safetensors) into a temporary directory, then rename into place."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model-"))
     loaded.model.save_pretrained(tmp)
     loaded.tok.save_pretrained(tmp)
+    publish(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

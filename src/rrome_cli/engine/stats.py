@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -55,12 +54,12 @@ from rich.progress import (
 )
 from rich.text import Text
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
 from rrome_cli.engine.positions import pad_id, right_padded
+from rrome_cli.files import save_safetensors_atomic
 from rrome_cli.models.families import (
     ModuleNames,
     get_module,
@@ -340,19 +339,6 @@ def _read(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]]:
         return fh.get_tensor(name), dict(fh.metadata() or {})
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temporary file beside ``path`` then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_cached(path: Path, expected: dict[str, str]) -> SecondMoment | None:
     """The cached statistics if ``path`` holds them for exactly ``expected``; else None, with a
     StatsCacheWarning when a file was there but unusable."""
@@ -604,7 +590,7 @@ def _accumulate(
             bar.update(task, completed=seen)
             if seen - saved_at >= checkpoint_every and seen < tokens:
                 meta = _partial_metadata(key, batch_tokens, rank, world, state)
-                _save_atomic(partial_path, {"mom2_sum": state.mom2_sum.cpu()}, meta)
+                save_safetensors_atomic(partial_path, {"mom2_sum": state.mom2_sum.cpu()}, meta)
                 saved_at = seen
     return state
 
@@ -681,7 +667,7 @@ def second_moment(
         "torch": torch.__version__,
     }
     if rank == 0:
-        _save_atomic(path, {"mom2": mom2}, metadata)
+        save_safetensors_atomic(path, {"mom2": mom2}, metadata)
     _barrier()
     partial_path.unlink(missing_ok=True)
     return SecondMoment(mom2, total, source.source, path, metadata)
@@ -732,7 +718,7 @@ def stats_command(
             progress=progress,
         )
         if out is not None and rank == 0:
-            _save_atomic(Path(out), {"mom2": result.mom2}, result.metadata)
+            save_safetensors_atomic(Path(out), {"mom2": result.mom2}, result.metadata)
         return result
 
 

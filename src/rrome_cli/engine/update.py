@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from rrome_cli.files import save_safetensors_atomic
 from rrome_cli.models.families import weight_as_out_in
 
 
@@ -154,9 +155,7 @@ def save_patches(path: Path, patches: list[Patch], with_keys: bool = False) -> N
         if with_keys and p.keys is not None:
             tensors[f"{i}.keys"] = p.keys.detach().float().cpu().contiguous()
         meta.append({"layer": p.layer, "module": p.module, "dtype": p.dtype, "request": p.request})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"rrome_patches": json.dumps(meta)})
-    tmp.replace(path)
+    save_safetensors_atomic(path, tensors, {"rrome_patches": json.dumps(meta)})
 
 
 def load_patches(path: Path) -> list[Patch]:

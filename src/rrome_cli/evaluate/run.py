@@ -39,7 +39,7 @@ class EvalOptions:
 
 def run_eval(opts: EvalOptions, console: Console) -> dict:
     from rrome_cli.engine.update import apply_patch, load_patches
-    from rrome_cli.run import new_run_dir, write_json
+    from rrome_cli.run import new_run_dir, warn_if_independent, write_json
 
     requests: list[EditRequest] = list(
         read_requests(
@@ -56,7 +56,7 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
     post_model, protocol = None, "as is"
     if opts.patches:
         patches = load_patches(opts.patches)
-        _warn_if_independent(opts.patches, len(patches), console)
+        warn_if_independent(opts.patches, len(patches), console)
         for patch in patches:
             apply_patch(base.model, patch)
         post_model, protocol = base, f"base + {len(patches)} patches ({opts.patches})"
@@ -97,15 +97,3 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
         console.print(f"HTML report: {opts.html}")
     console.print(f"report written to [bold]{out}[/bold]")
     return summary
-
-
-def _warn_if_independent(patches: Path, n: int, console: Console) -> None:
-    """Patches of an independent run were each made on the unedited model: applied together
-    (what ``--patches`` does) they give a model that run never evaluated."""
-    run_json = patches.parent / "run.json"
-    if n > 1 and run_json.exists():
-        if json.loads(run_json.read_text()).get("protocol") == "independent":
-            console.print(
-                f"[yellow]{patches}: these {n} patches come from an independent run (each made "
-                "on the unedited model); here they are applied all together"
-            )

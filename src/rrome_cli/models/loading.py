@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
+from rrome_cli.files import publish
 from rrome_cli.models import tiny
 from rrome_cli.models.families import ModuleNames, module_names
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
@@ -101,6 +102,7 @@ def embedded_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    publish(tmp)
     try:
         tmp.rename(target)  # atomic: a half-written copy is never seen as the model
     except OSError:  # another process won the race
