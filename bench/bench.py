@@ -32,7 +32,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -138,9 +138,9 @@ def quality(
     fluency pre and post; ``labelled`` (CounterFact): with rephrase split by whether the
     rephrased prompt asks the same question (bench/counterfact-rephrase-labels.json).
     A run left unfinished in ``out`` (an earlier, interrupted bench) is resumed."""
+    if (out / "run.json").exists() and load_run(out)[1].to_dict() != hp.to_dict():
+        retire(out, out.parent)  # made with an earlier recipe: kept aside, measured afresh
     resume = out if (out / "report.jsonl").exists() else None
-    if resume:
-        _same_recipe(out, hp)
     run_dir, summary = run_edits(
         loaded, hp, RunOptions(requests=str(path), out=out, **opts), QUIET, resume=resume
     )
@@ -207,11 +207,13 @@ def fluency(
     return {phase: table["fluency"] for phase, table in summarise(rows)["metrics"].items()}
 
 
-def _same_recipe(out: Path, hp: HParams) -> None:
-    """Refuse to resume a run made with other hyperparameters (the recipe changed since)."""
-    _, earlier, _ = load_run(out)
-    if earlier.to_dict() != hp.to_dict():
-        sys.exit(f"{out} was run with other hyperparameters; delete it to measure afresh")
+def retire(path: Path, work: Path) -> None:
+    """Move a section or run measured with an earlier recipe to ``work/earlier/``, named by
+    when it was last written: nothing measured is deleted."""
+    stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%dT%H%M%S")
+    target = work / "earlier" / f"{path.stem}-{stamp}{path.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
 
 
 def sequential(loaded: LoadedModel, hp: HParams, path: Path, out: Path, n: int) -> dict:
@@ -243,9 +245,16 @@ def config(hp: HParams, **changes: Any) -> HParams:
     return HParams(**(hp.to_dict() | changes))
 
 
+class Section(NamedTuple):
+    """One measurement of the bench, not yet run, and the hyperparameters it measures."""
+
+    run: Callable[[], dict]
+    recipe: dict[str, Any]
+
+
 def sections(
     model: Callable[[], LoadedModel], hp: HParams, quick: bool, work: Path
-) -> dict[str, Callable[[], Any]]:
+) -> dict[str, Section]:
     """Every measurement of the bench, by name, in the order they run; none runs here.
     ``model`` loads the model when a section first needs it (``--table`` never does)."""
     n_speed, n_quality, n_seq, stats_tokens = (3, 2, 4, 5_000) if quick else (20, 200, 300, 20_000)
@@ -264,12 +273,12 @@ def sections(
         "rome + C": config(hp, variant="rome"),
     }
 
-    def later(measure: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
-        return lambda: measure(model(), *args, **kwargs)
+    def later(measure: Callable[..., Any], h: HParams, *args: Any, **kwargs: Any) -> Section:
+        return Section(lambda: measure(model(), h, *args, **kwargs), h.to_dict())
 
     todo = {
         "speed": later(speed, hp, speed_reqs),
-        "stats": later(bench_stats, hp.layers[0], stats_tokens),
+        "stats": later(lambda loaded, h: bench_stats(loaded, h.layers[0], stats_tokens), hp),
         "memory": later(memory, hp, speed_reqs[0]),
     }
     for name, h in variants.items():
@@ -297,25 +306,36 @@ def _slug(name: str) -> str:
 
 
 def run_sections(
-    todo: dict[str, Callable[[], Any]], work: Path, only: list[str], measure: bool = True
-) -> dict:
-    """Each section's result, measured now or read back from an earlier (interrupted) bench.
+    todo: dict[str, Section], work: Path, only: list[str], measure: bool = True
+) -> tuple[dict, list[str]]:
+    """Each section's result, measured now or read back from an earlier (interrupted) bench,
+    and the names of those kept from an earlier recipe (not in the results).
 
-    A finished section is kept in ``work/sections/<name>.json`` with the date it was measured,
-    so the full protocol (hours) can be run in pieces: ``--only`` picks sections by substring.
+    A finished section is kept in ``work/sections/<name>.json`` with the date it was measured
+    and its recipe, so the full protocol (hours) can be run in pieces: ``--only`` picks
+    sections by substring. One measured with other hyperparameters than the section's now is
+    not reported; measuring it again first moves it (and its run) to ``work/earlier/``.
     """
     done_dir = work / "sections"
     done_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, run in todo.items():
+    results, stale = {}, []
+    for name, section in todo.items():
         path = done_dir / f"{_slug(name)}.json"
-        if measure and not path.exists() and (not only or any(o in name for o in only)):
+        kept = json.loads(path.read_text()) if path.exists() else None
+        current = kept is not None and kept.get("recipe") == section.recipe
+        if measure and not current and (not only or any(o in name for o in only)):
+            if kept is not None:
+                retire(path, work)
             console.print(f"{name} ...")
-            result = {"measured": datetime.now().isoformat(timespec="seconds"), **run()}
-            path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        if path.exists():
-            results[name] = json.loads(path.read_text())
-    return results
+            kept = {"measured": datetime.now().isoformat(timespec="seconds"), **section.run()}
+            kept["recipe"] = section.recipe
+            path.write_text(json.dumps(kept, indent=1, default=str) + "\n")
+        elif kept is not None and not current:
+            stale.append(name)
+            continue
+        if kept is not None:
+            results[name] = kept
+    return results, stale
 
 
 def main() -> None:
@@ -347,7 +367,7 @@ def main() -> None:
         # the quick bench measures afresh each time; the full one continues where it stopped
         work = args.work or (Path(tmp) if args.quick else ROOT / "runs" / "bench" / "full")
         todo = sections(model, hp, args.quick, work)
-        measured = run_sections(todo, work, args.only, measure=not args.table)
+        measured, stale = run_sections(todo, work, args.only, measure=not args.table)
     missing = [name for name in todo if name not in measured]
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -362,6 +382,7 @@ def main() -> None:
         "hparams": hp.to_dict(),
         "sections": measured,
         "missing": missing,
+        "earlier_recipe": stale,
     }
     suffix = ("-quick" if args.quick else "") + ("-partial" if missing else "")
     out = ROOT / "bench" / "results" / f"{datetime.now():%Y-%m-%d}{suffix}.json"
@@ -375,8 +396,13 @@ def main() -> None:
     dates = sorted(r["measured"] for r in measured.values())
     if dates and (args.work or not args.quick):
         console.print(f"sections measured {dates[0]} .. {dates[-1]}, kept in {work}")
-    if missing:
-        console.print(f"[yellow]not measured yet[/yellow]: {', '.join(missing)}")
+    if stale:
+        console.print(
+            f"[yellow]measured with an earlier recipe (make bench measures them again)"
+            f"[/yellow]: {', '.join(stale)}"
+        )
+    if new := [name for name in missing if name not in stale]:
+        console.print(f"[yellow]not measured yet[/yellow]: {', '.join(new)}")
     console.print(f"written {out}")
 
 

@@ -51,3 +51,26 @@ def test_fluency_from_patches_equals_fluency_measured_in_the_run(tmp_path: Path)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert _bench().fluency(loaded, run_dir) == stats
     assert len((run_dir / "fluency.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_a_section_measured_with_an_earlier_recipe_is_kept_aside_and_measured_again(
+    tmp_path: Path,
+) -> None:
+    bench = _bench()
+    calls: list[str] = []
+
+    def todo(recipe: dict) -> dict:
+        return {"speed": bench.Section(lambda: calls.append("speed") or {"x": len(calls)}, recipe)}
+
+    first, stale = bench.run_sections(todo({"v_lr": 1.0}), tmp_path, [])
+    assert calls == ["speed"] and stale == [] and first["speed"]["x"] == 1
+    again, _ = bench.run_sections(todo({"v_lr": 1.0}), tmp_path, [])
+    assert calls == ["speed"] and again == first  # kept, not measured twice
+
+    table, stale = bench.run_sections(todo({"v_lr": 2.0}), tmp_path, [], measure=False)
+    assert table == {} and stale == ["speed"] and calls == ["speed"]  # not shown as current
+    new, stale = bench.run_sections(todo({"v_lr": 2.0}), tmp_path, [])
+    assert calls == ["speed", "speed"] and stale == [] and new["speed"]["x"] == 2
+    assert new["speed"]["recipe"] == {"v_lr": 2.0}
+    (earlier,) = (tmp_path / "earlier").iterdir()  # the first measurement, moved, not lost
+    assert json.loads(earlier.read_text())["recipe"] == {"v_lr": 1.0}

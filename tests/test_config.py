@@ -60,6 +60,11 @@ def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
     path.write_text("v_lr: fast\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml: v_lr must be a number"):
         load_hparams(path)
+    path.write_text("v_realized_delta: everywhere\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml: v_realized_delta must be true, false"):
+        load_hparams(path)
+    path.write_text("v_realized_delta: suffix\n")
+    assert load_hparams(path).v_realized_delta == "suffix"
     path.write_text("protect_weight: -1\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml: protect_weight must be 0"):
         load_hparams(path)

@@ -32,7 +32,15 @@ from rrome_cli.engine.update import (
     right_vector,
     save_patches,
 )
-from rrome_cli.engine.values import SuffixRunner, ValueResult, build_batch
+from rrome_cli.engine.values import (
+    SuffixRunner,
+    ValueResult,
+    _answer_columns,
+    _Group,
+    build_batch,
+    frozen,
+)
+from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
 from rrome_cli.models.tiny import tiny_model
 from rrome_cli.requests import EditRequest
@@ -867,6 +875,56 @@ def test_realized_delta_scales_each_prompt_by_its_key(
     assert scale.shape == (5,)  # 4 templated prompts + the KL prompt
     assert scale[:-1].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert not torch.allclose(scale, torch.ones_like(scale))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("realized", [True, "suffix"])
+def test_suffix_realized_delta_is_the_rank_one_update_itself(
+    family: str, realized: bool | str
+) -> None:
+    """The bare prompt's subject is its first token, so nothing delta reaches is cached: under
+    v_realized_delta "suffix" (delta at every column c as (u . k_c) / (u . k_ref)) the value's
+    loss reads exactly what W + delta u^T / (u . k_ref) gives. With true (delta at the subject's
+    token only) it does not: the update also moves the later positions, the target's own."""
+    model, tok, names = load(family)
+    prompts = [templated(tok, FIRST_TOKEN, "{}")]
+    target, subject = FIRST_TOKEN.target_new, FIRST_TOKEN.subject
+    batch = build_batch(tok, prompts, target, subject, torch.device("cpu"))
+    rewrite = model.get_submodule(names.rewrite(LAYER))
+    d_out, d_in = weight_as_out_in(rewrite).shape
+    u, k_ref = random_delta(d_in, seed=2), random_delta(d_in, seed=3)
+    u = u if float(u @ k_ref) > 0 else -u
+    delta = 30 * random_delta(d_out, seed=4) / d_out**0.5
+    read = u / (u @ k_ref) if realized == "suffix" else None
+    runner = SuffixRunner(model, batch, [names.layer(i) for i in range(LAYER)])
+    group = _Group(batch, runner, torch.ones(2, 1, 1), read)
+    with frozen(model), torch.no_grad():
+        group.forward(model.get_submodule(names.mlp(LAYER)), rewrite, delta)
+        nll = group.nll_each()[0].item()
+    apply_update(rewrite, torch.outer(delta, u) / (u @ k_ref))
+    (score,) = score_answers(model, tok, [(FIRST_TOKEN.text, target)])
+    edited = -sum(score.token_logprobs) / len(score.token_logprobs)
+    if realized == "suffix":
+        assert nll == pytest.approx(edited, rel=1e-4)
+    else:
+        assert abs(nll - edited) > 1e-2 * abs(edited)
+
+
+def test_answer_columns_are_the_subject_token_and_the_fed_answer(family: str) -> None:
+    """v_realized_delta "answer": delta's share at column 0 (the subject's last token) and at
+    the fed answer tokens, none at the prompt's words in between; the KL row: column 0 only."""
+    _, tok, _ = load(family)
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    batch = build_batch(tok, prompts, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
+    _, subject_at, targets = expected_rows(tok, REQUEST, TEMPLATES)
+    mask = _answer_columns(batch)[..., 0]
+    width = mask.shape[1]
+    for r in range(len(TEMPLATES)):
+        first_answer = min(j for row, j, _ in targets if row == r) + 1  # its position
+        expected = [c == 0 or subject_at[r] + c >= first_answer for c in range(width)]
+        assert mask[r].tolist() == [float(x) for x in expected]
+        assert 0 < sum(expected) < width  # some prompt words get none
+    assert mask[-1].tolist() == [1.0] + [0.0] * (width - 1)
 
 
 def test_stop_rules() -> None:

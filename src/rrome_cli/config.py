@@ -39,6 +39,9 @@ class HParamsError(ValueError):
     """A bad hyperparameter file or value; the message names the file and the key."""
 
 
+REALIZED = ("suffix", "answer")  # v_realized_delta's values besides true and false
+
+
 @dataclass
 class HParams:
     layers: list[int] = field(default_factory=lambda: [5])
@@ -59,10 +62,15 @@ class HParams:
     # templates' keys, and the plain mean may give it a few percent of the edit. Below this
     # fraction, k* leans from the mean toward k_bare just far enough. None: the plain mean.
     k_bare_min: float | None = None
-    # false (ROME, EasyEdit): the same delta is added at every templated prompt. true: prompt i
-    # gets (u . k_i) / (u . k*) delta, what the rank-one update will really add there, so the
-    # optimised value is the one the edited model reproduces (the bare prompt included).
-    v_realized_delta: bool = False
+    # false (ROME, EasyEdit): the same delta at every templated prompt's subject token. true:
+    # prompt i gets (u . k_i) / (u . k*) delta there, what the rank-one update adds at that
+    # token. "suffix": every position from the subject's last token on gets its own key's share
+    # (u . k) / (u . k*): the update's whole effect after the subject, the target's tokens
+    # included, so the loss reads the edited model itself (positions before the subject's last
+    # token are cached and get none). "answer": that share at the subject's last token and the
+    # fed answer tokens only, not at the prompt's own words after the subject (which a rephrase
+    # does not share). Measured in hparams/smollm2-135m.yaml; neither is shipped yet.
+    v_realized_delta: bool | str = False
     # Requests' other phrasings of their relation (``phrasings``, or ``--phrasings`` FILE)
     # join the value's prompts, bare, at most this many per request (each costs a row of the
     # optimisation batch). 0: none are used.
@@ -97,6 +105,8 @@ class HParams:
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
         if self.v_stop not in V_STOPS:
             raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
+        if not (isinstance(self.v_realized_delta, bool) or self.v_realized_delta in REALIZED):
+            raise HParamsError("v_realized_delta must be true, false, suffix or answer")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
@@ -124,6 +134,10 @@ class HParams:
 
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     """YAML reads ``5e-1`` as a string; numbers are coerced to the field's type."""
+    if name == "v_realized_delta":
+        if isinstance(value, bool) or value in REALIZED:
+            return value
+        raise HParamsError(f"{where}: {name} must be true, false, suffix or answer, got {value!r}")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -150,10 +150,11 @@ def edit_layer(
     t1 = time.perf_counter()
     u, denominator = left_vector(cov, k_left)  # (d_in,)
     row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
+    read = u / (k_ref @ u) if hp.v_realized_delta in ("suffix", "answer") else None
     t2 = time.perf_counter()
     value = optimise_delta(
         model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale,
-        phrasings,
+        phrasings, read,
     )  # fmt: skip
     t3 = time.perf_counter()
     right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)

@@ -1,4 +1,5 @@
-"""The value v*: optimise delta, added to the MLP output at the subject's last token.
+"""The value v*: optimise delta, added to the MLP output at the subject's last token (with
+``v_realized_delta: suffix``, at every later position too, scaled as the update will add it).
 
 Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing)
      + kl_factor * KL(edited || unedited) of the next token after the subject in "{subject} is a"
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.hooks import blocks_replaced, edit_output
+from rrome_cli.engine.hooks import blocks_replaced, capture_input, edit_output
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
     encode_pair,
@@ -257,6 +258,7 @@ def optimise_delta(
     hp: HParams,
     row_scale: torch.Tensor | None = None,
     phrasings: list[Templated] | None = None,
+    read: torch.Tensor | None = None,
 ) -> ValueResult:
     """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}").
 
@@ -266,11 +268,15 @@ def optimise_delta(
     delta`` (prompts, phrasings, then the KL prompt). None adds the same delta everywhere, as
     ROME does; the engine passes (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is
     what the rank-one update will really add at each prompt's subject token.
+    ``read`` (d_in,), u / (u . k_ref): delta reaches every suffix column c of every row as
+    (read . k_c) delta, the rank-one update's own effect there (``v_realized_delta: suffix``),
+    or only the subject's column and the fed answer tokens' (``answer``); ``row_scale`` is then
+    unused.
     """
     start = time.perf_counter()
     phrasings = phrasings or []
-    mlp = model.get_submodule(names.mlp(layer))
-    mlp_device = execution_device(model.get_submodule(names.rewrite(layer)))
+    mlp, rewrite = model.get_submodule(names.mlp(layer)), model.get_submodule(names.rewrite(layer))
+    mlp_device = execution_device(rewrite)
     n_rows = len(prompts) + len(phrasings) + 1
     scale = torch.ones(n_rows) if row_scale is None else row_scale
     scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (rows, 1, 1)
@@ -279,20 +285,22 @@ def optimise_delta(
 
     with frozen(model):
         main = build_batch(tok, prompts, target, subject, device)  # the KL prompt last
-        groups = [_Group(main, SuffixRunner(model, main, below), _rows(scale, at_prompts))]
+        read = None if read is None else read.to(device=mlp_device, dtype=torch.float32)
+        answer = hp.v_realized_delta == "answer"
+        runner = SuffixRunner(model, main, below)
+        groups = [_Group(main, runner, _rows(scale, at_prompts), read, answer)]
         if phrasings:
             batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
-            groups.append(
-                _Group(batch, SuffixRunner(model, batch, below), scale[at_prompts:at_phrasings])
-            )
-        d_out = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[0]
+            runner = SuffixRunner(model, batch, below)
+            groups.append(_Group(batch, runner, scale[at_prompts:at_phrasings], read, answer))
+        d_out = weight_as_out_in(rewrite).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         steps, step_times = 0, []
         for _ in range(hp.v_num_grad_steps):
             t_step = time.perf_counter()
             for group in groups:
-                group.forward(mlp, delta)
+                group.forward(mlp, rewrite, delta)
             if steps == 0:
                 # delta is still 0: this pass is the unedited model, the KL reference and z
                 kl_ref = groups[0].kl_log_probs().detach()
@@ -334,18 +342,33 @@ class _Group:
     batch: Batch
     runner: SuffixRunner
     scale: torch.Tensor  # (B, 1, 1) fp32 on the MLP's device
+    read: torch.Tensor | None = None  # (d_in,) u / (u . k_ref): each key's share of delta
+    answer_only: bool = False  # with read: only the subject's token and the fed answer's
     hidden: torch.Tensor | None = None  # (B, S, d) of the last pass
     z: torch.Tensor | None = None  # (d_out,) MLP output at row 0's subject on the first pass
+    share: torch.Tensor | None = None  # (B, S, 1) share of delta at every suffix column
 
-    def forward(self, mlp: torch.nn.Module, delta: torch.Tensor) -> None:
+    def forward(self, mlp: torch.nn.Module, rewrite: torch.nn.Module, delta: torch.Tensor) -> None:
         def add_delta(out: torch.Tensor) -> torch.Tensor:
-            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row
+            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row, or
+            # with ``read`` at every column, as much as the rank-one update will add there
             if self.z is None:  # the first pass runs at delta = 0: the unedited output
                 self.z = out[0, 0].detach().float().to(delta.device)
+            if self.share is not None:
+                return out + (self.share * delta).to(out.dtype)
             scaled = (self.scale * delta).to(out.dtype)
             return torch.cat([out[:, :1] + scaled, out[:, 1:]], dim=1)
 
-        with edit_output(mlp, add_delta):
+        def keep_share(keys: torch.Tensor) -> None:
+            # (B, S, d_in): the rewritten module's input, which delta never reaches
+            self.share = (keys.detach().float().to(self.read.device) @ self.read)[..., None]
+            if self.answer_only:
+                self.share = self.share * _answer_columns(self.batch).to(self.share.device)
+
+        with ExitStack() as stack:
+            if self.read is not None:
+                stack.enter_context(capture_input(rewrite, keep_share))
+            stack.enter_context(edit_output(mlp, add_delta))
             self.hidden = self.runner.hidden()
 
     def nll_each(self) -> torch.Tensor:
@@ -359,6 +382,15 @@ class _Group:
         """Next-token log-probs after the KL prompt's subject: (1, vocab)."""
         rows = torch.tensor([self.batch.n_rewrite])
         return self.runner.log_probs(self.hidden, rows, torch.tensor([0]))
+
+
+def _answer_columns(batch: Batch) -> torch.Tensor:
+    """(B, S, 1): 1 at column 0 (the subject's last token) and at the fed answer tokens."""
+    rows, width = batch.suffix_ids.shape
+    first = torch.full((rows,), width, dtype=torch.long)
+    first.scatter_reduce_(0, batch.target_rows.cpu(), batch.target_cols.cpu() + 1, reduce="amin")
+    cols = torch.arange(width)[None]
+    return ((cols == 0) | (cols >= first[:, None])).float()[..., None]
 
 
 def _value_loss(
