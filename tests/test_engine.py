@@ -989,7 +989,8 @@ def test_phrasings_join_the_value_prompts_but_not_k_star(monkeypatch: pytest.Mon
     with_them = EditRequest(**{**vars(REQUEST), "phrasings": phrasings})
     seen: list[tuple[list[str], torch.Tensor]] = []
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, scale, phrasings):  # noqa: ANN001, ANN202
+    def fake(model, tok, names, layer, prompts, target, subject, hp, scale, phrasings, read):  # noqa: ANN001, ANN202
+        assert read is None  # v_realized_delta true: the subject's token only
         seen.append(([p.text for p in [*prompts, *phrasings]], scale))
         delta = torch.ones(model.config.hidden_size)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])

@@ -105,8 +105,10 @@ class HParams:
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
         if self.v_stop not in V_STOPS:
             raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
-        if not (isinstance(self.v_realized_delta, bool) or self.v_realized_delta in REALIZED):
-            raise HParamsError("v_realized_delta must be true, false, suffix or answer")
+        realized = self.v_realized_delta
+        if not (isinstance(realized, bool) or realized in REALIZED):
+            options = "true, false, suffix or answer"
+            raise HParamsError(f"v_realized_delta must be {options}, got {realized!r}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
@@ -135,9 +137,7 @@ class HParams:
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     """YAML reads ``5e-1`` as a string; numbers are coerced to the field's type."""
     if name == "v_realized_delta":
-        if isinstance(value, bool) or value in REALIZED:
-            return value
-        raise HParamsError(f"{where}: {name} must be true, false, suffix or answer, got {value!r}")
+        return value  # a bool or a name, which HParams checks
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rrome_cli.config import HParams
+from rrome_cli.config import REALIZED, HParams
 from rrome_cli.engine.keys import keys_after_subject, keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
@@ -150,7 +150,7 @@ def edit_layer(
     t1 = time.perf_counter()
     u, denominator = left_vector(cov, k_left)  # (d_in,)
     row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
-    read = u / (k_ref @ u) if hp.v_realized_delta in ("suffix", "answer") else None
+    read = u / (k_ref @ u) if hp.v_realized_delta in REALIZED else None
     t2 = time.perf_counter()
     value = optimise_delta(
         model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale,

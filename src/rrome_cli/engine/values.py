@@ -286,13 +286,18 @@ def optimise_delta(
     with frozen(model):
         main = build_batch(tok, prompts, target, subject, device)  # the KL prompt last
         read = None if read is None else read.to(device=mlp_device, dtype=torch.float32)
-        answer = hp.v_realized_delta == "answer"
+
+        def columns(batch: Batch) -> torch.Tensor | None:
+            return _answer_columns(batch) if hp.v_realized_delta == "answer" else None
+
         runner = SuffixRunner(model, main, below)
-        groups = [_Group(main, runner, _rows(scale, at_prompts), read, answer)]
+        groups = [_Group(main, runner, _rows(scale, at_prompts), read, columns(main))]
         if phrasings:
             batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
             runner = SuffixRunner(model, batch, below)
-            groups.append(_Group(batch, runner, scale[at_prompts:at_phrasings], read, answer))
+            groups.append(
+                _Group(batch, runner, scale[at_prompts:at_phrasings], read, columns(batch))
+            )
         d_out = weight_as_out_in(rewrite).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -343,7 +348,7 @@ class _Group:
     runner: SuffixRunner
     scale: torch.Tensor  # (B, 1, 1) fp32 on the MLP's device
     read: torch.Tensor | None = None  # (d_in,) u / (u . k_ref): each key's share of delta
-    answer_only: bool = False  # with read: only the subject's token and the fed answer's
+    columns: torch.Tensor | None = None  # (B, S, 1) with read: 1 where delta's share goes
     hidden: torch.Tensor | None = None  # (B, S, d) of the last pass
     z: torch.Tensor | None = None  # (d_out,) MLP output at row 0's subject on the first pass
     share: torch.Tensor | None = None  # (B, S, 1) share of delta at every suffix column
@@ -362,8 +367,8 @@ class _Group:
         def keep_share(keys: torch.Tensor) -> None:
             # (B, S, d_in): the rewritten module's input, which delta never reaches
             self.share = (keys.detach().float().to(self.read.device) @ self.read)[..., None]
-            if self.answer_only:
-                self.share = self.share * _answer_columns(self.batch).to(self.share.device)
+            if self.columns is not None:
+                self.share = self.share * self.columns.to(self.share.device)
 
         with ExitStack() as stack:
             if self.read is not None:
