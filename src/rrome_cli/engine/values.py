@@ -365,13 +365,14 @@ class _Group:
             return torch.cat([out[:, :1] + scaled, out[:, 1:]], dim=1)
 
         def keep_share(keys: torch.Tensor) -> None:
-            # (B, S, d_in): the rewritten module's input, which delta never reaches
+            # (B, S, d_in): the rewritten module's input, which delta never reaches, so the
+            # share is taken on the first pass and kept
             self.share = (keys.detach().float().to(self.read.device) @ self.read)[..., None]
             if self.columns is not None:
                 self.share = self.share * self.columns.to(self.share.device)
 
         with ExitStack() as stack:
-            if self.read is not None:
+            if self.read is not None and self.share is None:
                 stack.enter_context(capture_input(rewrite, keep_share))
             stack.enter_context(edit_output(mlp, add_delta))
             self.hidden = self.runner.hidden()
