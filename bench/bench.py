@@ -96,14 +96,18 @@ def speed(loaded: LoadedModel, hp: HParams, requests: list[EditRequest]) -> dict
     rows = []
     for request in requests:
         result = edit(loaded.model, loaded.tok, request, hp, loaded.names, covariances, templates)
-        layer = result.layers[0]
-        total = sum(v for k, v in layer.seconds.items() if k != "step")
-        loop = layer.steps * layer.seconds["step"]
+        # a multi-layer recipe edits its layers one after another: their times add up
+        seconds = {k: sum(e.seconds[k] for e in result.layers) for k in result.layers[0].seconds}
+        steps = sum(e.steps for e in result.layers)
+        total = sum(v for k, v in seconds.items() if k != "step")
+        loop = sum(e.steps * e.seconds["step"] for e in result.layers)
+        if steps:  # per step, over all layers
+            seconds["step"] = loop / steps
         rows.append(
             {
-                **layer.seconds,
+                **seconds,
                 "total": total,
-                "steps": layer.steps,
+                "steps": steps,
                 "overhead": total / loop if loop else float("nan"),
             }
         )
@@ -147,11 +151,11 @@ def quality(
     rows = read_rows(run_dir / "report.jsonl")
     applied = [r for r in rows if r["status"] == "applied"]
     if applied:  # time per edit (both evaluations included) and value-optimisation steps
-        steps = [r["guard"]["steps"] for r in applied]
+        per_layer = [layer_steps(r["guard"]) for r in applied]
         summary["edit"] = {
             "seconds_median": statistics.median(r["seconds"] for r in applied),
-            "steps_median": statistics.median(steps),
-            "capped": sum(s >= hp.v_num_grad_steps for s in steps),
+            "steps_median": statistics.median(sum(s) for s in per_layer),
+            "capped": sum(max(s) >= hp.v_num_grad_steps for s in per_layer),
         }
     if not opts.get("sequential"):
         for phase, stats in fluency(loaded, run_dir).items():
@@ -161,6 +165,12 @@ def quality(
         scores = rephrase_by_case(rows, "post")
         summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(rows), second)
     return summary
+
+
+def layer_steps(guard: dict[str, Any]) -> list[int]:
+    """Value-optimisation steps of each edited layer, from a report's ``guard`` (one layer's
+    figures, or ``layers``: one entry per layer of a multi-layer recipe)."""
+    return [g["steps"] for g in guard.get("layers", [guard])]
 
 
 FLUENCY_RECORDS = 100  # the first records of a run; a post-edit generation takes ~4 s here
@@ -211,8 +221,11 @@ def retire(path: Path, work: Path) -> None:
     """Move a section or run measured with an earlier recipe to ``work/earlier/``, named by
     when it was last written: nothing measured is deleted."""
     stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%dT%H%M%S")
-    target = work / "earlier" / f"{path.stem}-{stamp}{path.suffix}"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    (work / "earlier").mkdir(parents=True, exist_ok=True)
+    target, n = work / "earlier" / f"{path.stem}-{stamp}{path.suffix}", 1
+    while target.exists():  # two retired within the same second: neither is overwritten
+        n += 1
+        target = work / "earlier" / f"{path.stem}-{stamp}-{n}{path.suffix}"
     path.rename(target)
 
 

@@ -73,19 +73,21 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "run" / "summary.json").read_text())
     records = [json.loads(x) for x in (out / "run" / "report.jsonl").read_text().splitlines()]
-    guards = [r["guard"] for r in records if r.get("status") == "applied"]
+    # one entry per edited layer ("layers" when the recipe edits several); an edit sums them
+    edits = [
+        r["guard"].get("layers", [r["guard"]]) for r in records if r.get("status") == "applied"
+    ]
     post = summary["metrics"]["post"]
     row = {"name": name, "changes": changes, "requests": str(args.requests), "n": len(records)}
     if args.phrasings:
         row["phrasings"] = str(args.phrasings)
     row |= {m: round(post[m]["mean"], 3) for m in METRICS if m in post}
-    row["steps"] = statistics.median(g["steps"] for g in guards)
-    row["seconds_edit"] = round(
-        statistics.median(
-            g["seconds_keys"] + g["seconds_values"] + g["seconds_solve"] for g in guards
-        ),
-        2,
-    )
+    row["steps"] = statistics.median(sum(g["steps"] for g in layers) for layers in edits)
+    seconds = [
+        sum(g["seconds_keys"] + g["seconds_values"] + g["seconds_solve"] for g in layers)
+        for layers in edits
+    ]
+    row["seconds_edit"] = round(statistics.median(seconds), 2)
     row["date"] = datetime.now().isoformat(timespec="seconds")
     return row
 

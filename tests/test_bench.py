@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import statistics
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +15,7 @@ from rich.console import Console
 
 from rrome_cli.config import load_hparams, shipped_hparams
 from rrome_cli.models.loading import load_model
+from rrome_cli.requests import read_requests
 from rrome_cli.run import RunOptions, run_edits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +77,47 @@ def test_a_section_measured_with_an_earlier_recipe_is_kept_aside_and_measured_ag
     assert new["speed"]["recipe"] == {"v_lr": 2.0}
     (earlier,) = (tmp_path / "earlier").iterdir()  # the first measurement, moved, not lost
     assert json.loads(earlier.read_text())["recipe"] == {"v_lr": 1.0}
+
+
+def test_a_multi_layer_recipe_counts_the_steps_and_seconds_of_every_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Speed and quality add up the layers a multi-layer edit optimises one after another."""
+    bench = _bench()
+    loaded = load_model("tiny-llama")
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    hp.layers = [0, 1]
+    results = []
+
+    def recorded_edit(*args: object) -> object:
+        results.append(bench_edit(*args))
+        return results[-1]
+
+    bench_edit = bench.edit
+    monkeypatch.setattr(bench, "edit", recorded_edit)
+    requests = list(read_requests(SAMPLE, limit=3))
+    speed = bench.speed(loaded, hp, requests)
+
+    assert [len(r.layers) for r in results] == [2, 2, 2]
+    steps = [sum(e.steps for e in r.layers) for r in results]
+    values = [sum(e.seconds["values"] for e in r.layers) for r in results]
+    assert speed["steps"]["median"] == statistics.median(steps)
+    assert speed["values"]["median"] == pytest.approx(statistics.median(values))
+
+    summary = bench.quality(loaded, hp, SAMPLE, tmp_path / "run", limit=3)
+    report = [json.loads(x) for x in (tmp_path / "run" / "report.jsonl").read_text().splitlines()]
+    per_layer = [[g["steps"] for g in r["guard"]["layers"]] for r in report]
+    assert [len(s) for s in per_layer] == [2, 2, 2]
+    assert summary["edit"]["steps_median"] == statistics.median(sum(s) for s in per_layer)
+    capped = sum(max(s) >= hp.v_num_grad_steps for s in per_layer)
+    assert summary["edit"]["capped"] == capped
+
+
+def test_retiring_twice_within_a_second_keeps_both(tmp_path: Path) -> None:
+    bench = _bench()
+    for text in ("first", "second"):
+        (tmp_path / "speed.json").write_text(text)
+        os.utime(tmp_path / "speed.json", (0, 0))  # the same stamp for both
+        bench.retire(tmp_path / "speed.json", tmp_path)
+    kept = sorted(p.read_text() for p in (tmp_path / "earlier").iterdir())
+    assert kept == ["first", "second"]
