@@ -458,7 +458,9 @@ def trace_value_step(
     Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
     output of the blocks below the edit and the KL reference, then optimisation steps: suffix
     forward with delta added at the subject's last token, fp32 log-softmax at the target rows
-    and the KL row, backward into delta, Adam.
+    and the KL row, backward into delta, Adam. ``v_realized_delta: suffix`` / ``answer`` add
+    delta at later columns too, through a (rows, suffix, 1) share: left out (6 KB of a 33 MB
+    SmolLM2 edit; tests/test_memcheck.py checks the prediction with them).
     """
     mlp = model.get_submodule(names.mlp(layer))
     head = model.get_output_embeddings()
