@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rrome_cli import run as run_module
 from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
 from rrome_cli.engine.update import load_patches
@@ -145,12 +146,24 @@ def _strip_times(record: dict) -> dict:
     return record
 
 
-@pytest.mark.parametrize(("sequential", "protect"), [(False, 0.0), (True, 0.0), (True, 100.0)])
+@pytest.mark.parametrize(
+    ("sequential", "protect", "killed"),
+    [
+        (False, 0.0, False),
+        (True, 0.0, False),
+        (True, 100.0, False),
+        (False, 0.0, True),
+        (True, 100.0, True),
+    ],
+)
 def test_resume_after_crash_matches_uninterrupted_run(
-    tmp_path: Path, sequential: bool, protect: float
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sequential: bool, protect: float, killed: bool
 ) -> None:
     """A resumed run gives the uninterrupted run's report and patches: independent runs keep
-    the patches made before the crash; sequential ones re-apply them and re-protect their keys."""
+    the patches made before the crash; sequential ones re-apply them and re-protect their keys.
+    Each edit's patches go to a file of their own as it is made (the run's patch file is not
+    rewritten per edit); ``killed``: the run dies without folding them into patches.safetensors
+    (SIGKILL), and the resume takes them from there."""
     from dataclasses import replace
 
     from rich.console import Console
@@ -166,10 +179,17 @@ def test_resume_after_crash_matches_uninterrupted_run(
     class Crash(Exception):
         pass
 
+    journal = tmp_path / "cut" / run_module.PATCH_JOURNAL
+
     def crash_after_three(record: dict) -> None:
+        assert not (tmp_path / "cut" / "patches.safetensors").exists()
+        assert len(list(journal.iterdir())) == record["index"] + 1
         if record["index"] == 2:
             raise Crash
 
+    fold = run_module.save_run_patches
+    if killed:  # nothing runs on the way out
+        monkeypatch.setattr(run_module, "save_run_patches", lambda state: None)
     with pytest.raises(Crash):
         run_edits(
             load_model("tiny-llama"),
@@ -178,10 +198,15 @@ def test_resume_after_crash_matches_uninterrupted_run(
             console,
             after_record=crash_after_three,
         )
+    monkeypatch.setattr(run_module, "save_run_patches", fold)
     # as if killed after the third edit's patch was saved but before its report line
     cut_report = tmp_path / "cut" / "report.jsonl"
     cut_report.write_text("".join(cut_report.read_text().splitlines(keepends=True)[:2]))
-    assert len(load_patches(tmp_path / "cut" / "patches.safetensors")) == 3
+    if killed:
+        assert len(list(journal.iterdir())) == 3
+    else:
+        assert len(load_patches(tmp_path / "cut" / "patches.safetensors")) == 3
+        assert not journal.exists()
     run_edits(
         load_model("tiny-llama"), hp, options(tmp_path / "cut"), console, resume=tmp_path / "cut"
     )
@@ -190,6 +215,7 @@ def test_resume_after_crash_matches_uninterrupted_run(
         return [_strip_times(json.loads(x)) for x in (d / "report.jsonl").read_text().splitlines()]
 
     assert report(tmp_path / "cut") == report(full_dir)
+    assert not journal.exists()  # folded into patches.safetensors
     cut, full = (load_patches(d / "patches.safetensors") for d in (tmp_path / "cut", full_dir))
     case_ids = [str(r["case_id"]) for r in report(full_dir)]  # case 0 is named "0" too
     assert [p.request for p in cut] == [p.request for p in full] == case_ids

@@ -261,7 +261,7 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         )
         record["post"] = post
         state.patches.extend(result.patches)
-        save_run_patches(state)  # before the report line: a resume drops a patch without one
+        save_edit_patches(state, index, result.patches)  # before the report line
         if opts.sequential:
             protect_edited_keys(result.patches, state.covariances, state.hp.protect_weight)
             record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
@@ -337,19 +337,26 @@ def run_edits(
         TextColumn("{task.description}"),
         console=console,
     )
-    with report_path.open("a") as report, progress:
-        task = progress.add_task("", total=opts.limit, completed=len(done))
-        for index, request in enumerate(_requests(opts, lambda m: console.print(f"[yellow]{m}"))):
-            requests.append(request)
-            if index in done:
-                continue
-            progress.update(task, description=f"{request.text} -> {request.target_new}")
-            record = _safe_edit(state, index, request, console)
-            records.append(record)
-            _append(report, record, stdout)
-            progress.advance(task)
-            if after_record:
-                after_record(record)
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]{message}")
+
+    try:
+        with report_path.open("a") as report, progress:
+            task = progress.add_task("", total=opts.limit, completed=len(done))
+            for index, request in enumerate(_requests(opts, warn)):
+                requests.append(request)
+                if index in done:
+                    continue
+                progress.update(task, description=f"{request.text} -> {request.target_new}")
+                record = _safe_edit(state, index, request, console)
+                records.append(record)
+                _append(report, record, stdout)
+                progress.advance(task)
+                if after_record:
+                    after_record(record)
+    finally:  # also on Ctrl-C: patches.safetensors then holds every edit made
+        save_run_patches(state)
     shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
     summary = summarise(records) | {"provenance": {k: prov[k] for k in shown}}
     summary["failed_internal"] = state.failed
@@ -361,7 +368,6 @@ def run_edits(
         retro_summary = summarise([{"status": r["status"], "post": r["retro"]} for r in retro])
         summary["retrospective"] = retro_summary["metrics"]["post"]
     write_json(out / "summary.json", summary)
-    save_run_patches(state)
     if opts.save_model:
         save_model_atomic(loaded, out / "model")
     render_summary(summary, summary["provenance"], console)
@@ -395,23 +401,48 @@ def sequential_summary(
     }
 
 
+PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes
+
+
+def _with_keys(state: RunState) -> bool:
+    return state.opts.sequential and state.hp.protect_weight > 0  # a resume needs the keys
+
+
+def save_edit_patches(state: RunState, index: int, patches: list[Patch]) -> None:
+    """One edit's patches in a file of their own, ``patches.d/<index>.safetensors``, written
+    atomically. Rewriting the run's whole patch file after each edit cost O(n) per edit:
+    1.2 s an edit by the 2,000th on a 7B model (120 MB); the journal is folded into
+    ``patches.safetensors`` when the run ends, is interrupted, or resumes."""
+    journal = state.out / PATCH_JOURNAL
+    journal.mkdir(exist_ok=True)
+    save_patches(journal / f"{index:07d}.safetensors", patches, with_keys=_with_keys(state))
+
+
 def save_run_patches(state: RunState) -> None:
-    """The run's patches so far, rewritten atomically after each applied edit, so an
-    interrupted run keeps every edit its report holds (a patch is (d_in + d_out) floats:
-    1.7 MB for 200 SmolLM2 edits, about 60 MB for 1,000 on a 7B model)."""
-    protected = state.opts.sequential and state.hp.protect_weight > 0  # a resume needs the keys
-    save_patches(state.out / "patches.safetensors", state.patches, with_keys=protected)
+    """Every patch of the run in ``patches.safetensors`` (atomically); the journal goes."""
+    save_patches(state.out / "patches.safetensors", state.patches, with_keys=_with_keys(state))
+    shutil.rmtree(state.out / PATCH_JOURNAL, ignore_errors=True)
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
-    """Take back the patches of the records the report holds; a sequential run also re-applies
-    them, bringing the model back to where the interrupted run stood.
+    """Take back the patches of the records the report holds: those folded into
+    ``patches.safetensors``, then the journal's (a run killed outright leaves its last edits
+    there); a sequential run also re-applies them, bringing the model back to where the
+    interrupted run stood.
 
-    Patches are saved before their report line, so the file may hold one edit more than the
-    report (an interruption in between); that edit is dropped and made again."""
+    Patches are saved before their report line, so an interruption in between leaves one
+    edit more than the report holds; that edit is dropped and made again."""
     path = state.out / "patches.safetensors"
-    applied = sum(r.get("status") == "applied" for r in previous)
-    state.patches = (load_patches(path) if path.exists() else [])[: applied * len(state.hp.layers)]
+    applied = [r["index"] for r in previous if r.get("status") == "applied"]
+    per_edit = len(state.hp.layers)
+    patches = (load_patches(path) if path.exists() else [])[: len(applied) * per_edit]
+    journal = state.out / PATCH_JOURNAL
+    for index in applied[len(patches) // per_edit :]:
+        shard = journal / f"{index:07d}.safetensors"
+        if shard.exists():
+            patches += load_patches(shard)
+    state.patches = patches
+    save_run_patches(state)
     if not state.opts.sequential:
         return
     for patch in state.patches:
