@@ -63,6 +63,7 @@ from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
 from rrome_cli.run import (  # noqa: E402
     RunOptions,
+    guard_layers,
     library_versions,
     load_run,
     prepare_covariances,
@@ -151,7 +152,7 @@ def quality(
     rows = read_rows(run_dir / "report.jsonl")
     applied = [r for r in rows if r["status"] == "applied"]
     if applied:  # time per edit (both evaluations included) and value-optimisation steps
-        per_layer = [layer_steps(r["guard"]) for r in applied]
+        per_layer = [[g["steps"] for g in guard_layers(r["guard"])] for r in applied]
         summary["edit"] = {
             "seconds_median": statistics.median(r["seconds"] for r in applied),
             "steps_median": statistics.median(sum(s) for s in per_layer),
@@ -165,12 +166,6 @@ def quality(
         scores = rephrase_by_case(rows, "post")
         summary["rephrase_by_label"] = split(scores, labels, with_seen_phrasing(rows), second)
     return summary
-
-
-def layer_steps(guard: dict[str, Any]) -> list[int]:
-    """Value-optimisation steps of each edited layer, from a report's ``guard`` (one layer's
-    figures, or ``layers``: one entry per layer of a multi-layer recipe)."""
-    return [g["steps"] for g in guard.get("layers", [guard])]
 
 
 FLUENCY_RECORDS = 100  # the first records of a run; a post-edit generation takes ~4 s here

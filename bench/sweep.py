@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from rrome_cli.run import guard_layers
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns")
 
@@ -73,10 +75,7 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "run" / "summary.json").read_text())
     records = [json.loads(x) for x in (out / "run" / "report.jsonl").read_text().splitlines()]
-    # one entry per edited layer ("layers" when the recipe edits several); an edit sums them
-    edits = [
-        r["guard"].get("layers", [r["guard"]]) for r in records if r.get("status") == "applied"
-    ]
+    edits = [guard_layers(r["guard"]) for r in records if r.get("status") == "applied"]
     post = summary["metrics"]["post"]
     row = {"name": name, "changes": changes, "requests": str(args.requests), "n": len(records)}
     if args.phrasings:

@@ -280,6 +280,12 @@ def guard_record(result: EditResult) -> dict[str, Any]:
     return {"update_ratio": max((g["update_ratio"] for g in layers), default=0.0), "layers": layers}
 
 
+def guard_layers(guard: dict[str, Any]) -> list[dict[str, Any]]:
+    """A report's ``guard`` per edited layer: the record's own figures for a one-layer recipe,
+    its ``layers`` for several (what ``guard_record`` writes)."""
+    return guard.get("layers", [guard])
+
+
 def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
     table = read_phrasings(opts.phrasings) if opts.phrasings else {}
     for request in read_requests(
