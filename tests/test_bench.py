@@ -87,13 +87,12 @@ def test_a_multi_layer_recipe_counts_the_steps_and_seconds_of_every_layer(
     loaded = load_model("tiny-llama")
     hp = load_hparams(shipped_hparams("tiny-llama"))
     hp.layers = [0, 1]
-    results = []
+    results, bench_edit = [], bench.edit
 
     def recorded_edit(*args: object) -> object:
         results.append(bench_edit(*args))
         return results[-1]
 
-    bench_edit = bench.edit
     monkeypatch.setattr(bench, "edit", recorded_edit)
     requests = list(read_requests(SAMPLE, limit=3))
     speed = bench.speed(loaded, hp, requests)
