@@ -131,7 +131,9 @@ def memory(loaded: LoadedModel, hp: HParams, request: EditRequest) -> dict[str, 
         )
     )
     results[0].revert(loaded.model)
-    geometry = geometry_for(loaded.tok, request, templates)
+    geometry = geometry_for(
+        loaded.tok, request, templates, whole_bare=hp.v_realized_delta == "bare"
+    )
     predicted = plan(None, None, "cpu", None, hp, geometry=geometry).devices[0].edit
     return {"measured_bytes": peak, "predicted_bytes": predicted, "ratio": peak / predicted}
 

@@ -91,7 +91,7 @@ def run(
     model, tok = build(alias, device, dtype)
     names = module_names(type(model).__name__, hp.module_overrides())
     templates = generate_templates(model, tok, hp.context_template_length_params)
-    geometry = geometry_for(tok, REQUEST, templates)
+    geometry = geometry_for(tok, REQUEST, templates, whole_bare=hp.v_realized_delta == "bare")
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(layer))).shape[1]
     mom2 = random_second_moment(d_in, device) if hp.mom2_adjustment else None
     key = 0 if device.type == "cuda" else "cpu"

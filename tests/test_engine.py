@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams, HParamsError
 from rrome_cli.engine import edit as edit_module
+from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
 from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import keys_at, phrased, templated
@@ -925,6 +926,42 @@ def test_answer_columns_are_the_subject_token_and_the_fed_answer(family: str) ->
         assert mask[r].tolist() == [float(x) for x in expected]
         assert 0 < sum(expected) < width  # some prompt words get none
     assert mask[-1].tolist() == [1.0] + [0.0] * (width - 1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: str) -> None:
+    """v_realized_delta "bare": the bare prompt's loss, the one its stop test reads, is exactly
+    the edited model's NLL of the target, though the subject is not the prompt's first token (the
+    update also moves the positions before the subject's last token, which "suffix" caches);
+    and it is not counted twice."""
+    model, tok, names = load(family)
+    rewrite = model.get_submodule(names.rewrite(LAYER))
+    d_out, d_in = weight_as_out_in(rewrite).shape
+    u, k_ref = random_delta(d_in, seed=2), random_delta(d_in, seed=3)
+    read = (u if float(u @ k_ref) > 0 else -u) / abs(float(u @ k_ref))
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (delta, NLL per prompt) of each pass
+    real = values_module._value_loss
+
+    def spy(groups: Any, main: Any, kl_ref: Any, delta: torch.Tensor, *rest: Any) -> Any:
+        loss, nll_each = real(groups, main, kl_ref, delta, *rest)
+        seen.append((delta.detach().clone(), nll_each.detach().clone()))
+        return loss, nll_each
+
+    hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_lr=0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(values_module, "_value_loss", spy)
+        values_module.optimise_delta(
+            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
+            read=read,
+        )  # fmt: skip
+    delta, nll_each = seen[-1]
+    assert nll_each.shape == (len(TEMPLATES),)
+    assert delta.norm() > 0
+    apply_update(rewrite, torch.outer(delta, read))
+    (score,) = score_answers(model, tok, [(REQUEST.text, REQUEST.target_new)])
+    edited = -sum(score.token_logprobs) / len(score.token_logprobs)
+    assert nll_each[0].item() == pytest.approx(edited, rel=1e-4)
 
 
 def test_stop_rules() -> None:

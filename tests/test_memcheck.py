@@ -212,18 +212,18 @@ def test_measure_peak_ignores_tensors_made_before_and_sees_backward() -> None:
 def _predicted_vs_measured(model, tok, hp: HParams, covariances=None) -> tuple[int, int]:
     names = module_names(type(model).__name__, hp.module_overrides())
     templates = generate_templates(model, tok, hp.context_template_length_params)
-    geometry = geometry_for(tok, REQUEST, templates)
+    geometry = geometry_for(tok, REQUEST, templates, whole_bare=hp.v_realized_delta == "bare")
     dtype = next(model.parameters()).dtype
     predicted = edit_working_set(model.config, dtype, hp, geometry, names)["in_edit"]
     measured = measure_peak(lambda: edit(model, tok, REQUEST, hp, names, covariances, templates))
     return predicted, measured
 
 
-@pytest.mark.parametrize("realized", [True, "suffix", "answer"])
+@pytest.mark.parametrize("realized", [True, "suffix", "answer", "bare"])
 def test_predicted_edit_working_set_matches_a_tiny_edit(tiny, realized: bool | str) -> None:
     """The trace adds delta at the subject's column only; spreading it over the columns after
-    (``v_realized_delta: suffix`` / ``answer``) adds a (rows, suffix, 1) share, within the
-    tolerance (on SmolLM2, 6 KB of a 33 MB edit)."""
+    (``v_realized_delta: suffix`` / ``answer`` / ``bare``) adds a (rows, suffix, 1) share,
+    within the tolerance (on SmolLM2, 6 KB of a 33 MB edit)."""
     model, tok = tiny
     hp = dataclasses.replace(TINY_HPARAMS, v_realized_delta=realized)
     predicted, measured = _predicted_vs_measured(model, tok, hp)
@@ -316,6 +316,21 @@ def test_relation_phrasings_add_value_rows(offline) -> None:
     phrased = plan("llama2-7b", "bf16", None, {0: "80GiB"}, hp, phrasings=6)
     assert phrased.devices[0].weights == plain.devices[0].weights
     assert phrased.components["value_step"] > plain.components["value_step"]
+
+
+def test_bare_prompt_run_whole_adds_to_the_value_step(offline) -> None:
+    """v_realized_delta "bare" runs the bare prompt again, whole: a batch of its own in the
+    value step, nothing else."""
+    from rrome_cli.memcheck import estimate_geometry
+
+    hp = load_hparams(shipped_hparams("llama2-7b"))
+    bare = dataclasses.replace(hp, v_realized_delta="bare")
+    assert estimate_geometry(hp).whole == 0
+    assert estimate_geometry(bare).whole > estimate_geometry(bare).suffix
+    plain = plan("llama2-7b", "bf16", None, {0: "80GiB"}, hp)
+    whole = plan("llama2-7b", "bf16", None, {0: "80GiB"}, bare)
+    assert whole.devices[0].weights == plain.devices[0].weights
+    assert whole.components["value_step"] > plain.components["value_step"]
 
 
 def test_fewer_templates_fix_keeps_the_phrasing_rows(offline) -> None:

@@ -39,7 +39,7 @@ class HParamsError(ValueError):
     """A bad hyperparameter file or value; the message names the file and the key."""
 
 
-REALIZED = ("suffix", "answer")  # v_realized_delta's values besides true and false
+REALIZED = ("suffix", "answer", "bare")  # v_realized_delta's values besides true and false
 
 
 @dataclass
@@ -69,7 +69,10 @@ class HParams:
     # included, so the loss reads the edited model itself (positions before the subject's last
     # token are cached and get none). "answer": that share at the subject's last token and the
     # fed answer tokens only, not at the prompt's own words after the subject (which a rephrase
-    # does not share). Measured in hparams/smollm2-135m.yaml; neither is shipped yet.
+    # does not share). "bare": the bare prompt, the one the rewrite metric reads, also runs
+    # whole and uncached with every position's share (the subject's earlier tokens and the
+    # words before it included), so its loss and stop test read the edited model itself; the
+    # templated prompts as under true. Measured in hparams/smollm2-135m.yaml.
     v_realized_delta: bool | str = False
     # Requests' other phrasings of their relation (``phrasings``, or ``--phrasings`` FILE)
     # join the value's prompts, bare, at most this many per request (each costs a row of the

@@ -338,6 +338,7 @@ class Geometry:
     suffix: int  # suffix width: subject's last token, rest of the prompt, target but its last
     targets: int  # target tokens over all rewriting prompts: the logit rows the loss reads
     key_tokens: int  # longest templated prompt: the key pass
+    whole: int = 0  # v_realized_delta "bare": the bare prompt's tokens, run again uncached
 
     @property
     def templates(self) -> int:
@@ -360,43 +361,52 @@ def estimate_geometry(
         suffix=suffix,
         targets=templates * TARGET_TOKENS,
         key_tokens=prefix + 1 + PROMPT_AFTER_SUBJECT,
+        whole=PROMPT_TO_SUBJECT + suffix if hparams.v_realized_delta == "bare" else 0,
     )
 
 
 def geometry_for(
-    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str], max_phrasings: int = 0
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    templates: list[str],
+    max_phrasings: int = 0,
+    whole_bare: bool = False,
 ) -> Geometry:
-    """The exact geometry of ``request`` with ``templates``, as the engine batches it."""
+    """The exact geometry of ``request`` with ``templates``, as the engine batches it;
+    ``whole_bare``: with the bare prompt run again whole (``v_realized_delta: bare``)."""
     prompts = [templated(tok, request, t) for t in templates]
     prompts += [phrased(tok, request.subject, p) for p in request.phrasings[:max_phrasings]]
-    batch = build_batch(tok, prompts, request.target_new, request.subject, torch.device("cpu"))
+    target, subject, cpu = request.target_new, request.subject, torch.device("cpu")
+    batch = build_batch(tok, prompts, target, subject, cpu)
+    whole = build_batch(tok, prompts[:1], target, subject, cpu, False, whole=True)
     return Geometry(
         rows=batch.prefix_ids.shape[0],
         prefix=batch.prefix_ids.shape[1],
         suffix=batch.suffix_ids.shape[1],
         targets=batch.target_ids.shape[0],
         key_tokens=max(len(p.tokens.ids) for p in prompts),
+        whole=whole.suffix_ids.shape[1] if whole_bare else 0,
     )
 
 
-def _meta_batch(geo: Geometry) -> Batch:
+def _meta_batch(rows: int, prefix: int, suffix: int, targets: int, with_kl: bool = True) -> Batch:
     def ids(*shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=torch.long, device="meta")
 
     def ones(*shape: int) -> torch.Tensor:
         return torch.ones(*shape, dtype=torch.long, device="meta")
 
-    positions = torch.arange(geo.prefix, geo.prefix + geo.suffix, device="meta")
+    positions = torch.arange(prefix, prefix + suffix, device="meta")
     return Batch(
-        ids(geo.rows, geo.prefix),
-        ones(geo.rows, geo.prefix),
-        ids(geo.rows, geo.suffix),
-        ones(geo.rows, geo.suffix),
-        positions.expand(geo.rows, -1).clone(),
-        ids(geo.targets),
-        ids(geo.targets),
-        ids(geo.targets),
-        geo.rows - 1,
+        ids(rows, prefix),
+        ones(rows, prefix),
+        ids(rows, suffix),
+        ones(rows, suffix),
+        positions.expand(rows, -1).clone(),
+        ids(targets),
+        ids(targets),
+        ids(targets),
+        rows - 1 if with_kl else rows,
     )
 
 
@@ -458,9 +468,11 @@ def trace_value_step(
     Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
     output of the blocks below the edit and the KL reference, then optimisation steps: suffix
     forward with delta added at the subject's last token, fp32 log-softmax at the target rows
-    and the KL row, backward into delta, Adam. ``v_realized_delta: suffix`` / ``answer`` add
-    delta at later columns too, through a (rows, suffix, 1) share: left out (6 KB of a 33 MB
-    SmolLM2 edit; tests/test_memcheck.py checks the prediction with them).
+    and the KL row, backward into delta, Adam; under ``v_realized_delta: bare`` (``geo.whole``)
+    the bare prompt runs again whole, as a batch of its own. ``v_realized_delta`` ``suffix`` /
+    ``answer`` / ``bare`` add delta at later columns too, through a (rows, suffix, 1) share:
+    left out (6 KB of a 33 MB SmolLM2 edit; tests/test_memcheck.py checks the prediction with
+    them).
     """
     mlp = model.get_submodule(names.mlp(layer))
     head = model.get_output_embeddings()
@@ -468,9 +480,14 @@ def trace_value_step(
     dtype = head.weight.dtype
     with live_tensor_bytes() as tracker, frozen(model), _fused_attention_on_meta():
         tracker.set_phase("prefix")
-        batch = _meta_batch(geo)
+        batch = _meta_batch(geo.rows, geo.prefix, geo.suffix, geo.targets)
         runner = SuffixRunner(model, batch)
         below_out = torch.zeros(geo.rows, geo.suffix, d_out, dtype=dtype, device="meta")  # noqa: F841
+        whole = []  # (runner, batch) of the bare prompt run whole
+        if geo.whole:
+            bare = _meta_batch(1, 0, geo.whole, geo.targets // geo.templates, with_kl=False)
+            whole.append((SuffixRunner(model, bare), bare))
+            whole_below = torch.zeros(1, geo.whole, d_out, dtype=dtype, device="meta")  # noqa: F841
         kl_ref = torch.zeros(1, vocab, device="meta")
         z = torch.ones(d_out, device="meta")
         delta = torch.zeros_like(z, requires_grad=True)
@@ -486,9 +503,12 @@ def trace_value_step(
             tracker.set_phase("forward")
             with edit_output(mlp, add_delta):
                 hidden = runner.hidden()
+                hidden_whole = [r.hidden() for r, _ in whole]
             tracker.set_phase("head")
             logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
             nll = -logp.gather(1, batch.target_ids[:, None]).mean()
+            for (r, b), h in zip(whole, hidden_whole, strict=True):
+                nll = nll - r.log_probs(h, b.target_rows, b.target_cols)[:, 0].mean()
             kl = F.kl_div(
                 kl_ref,
                 runner.log_probs(hidden, kl_row, kl_col),

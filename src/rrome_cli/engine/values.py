@@ -87,14 +87,17 @@ def build_batch(
     subject: str,
     device: torch.device,
     with_kl: bool = True,
+    whole: bool = False,
 ) -> Batch:
-    rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, subject last index)
+    """``whole``: no prefix; every prompt runs from its first token in the suffix pass (column
+    0 is then not the subject's token: only a ``read`` share adds delta to such a batch)."""
+    rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, where the suffix starts)
     targets: list[tuple[int, int, int]] = []  # (row, index of the token, token id)
     prefix = special_prefix(tok)
     for r, p in enumerate(prompts):
         # the same tokens evaluation scores: prompt + " " + target, read as a continuation
         full = encode_pair(tok, p.text, target, prefix)
-        s = full.subject_last(p.subject_end)
+        s = 0 if whole else full.subject_last(p.subject_end)
         answer = range(full.answer_start, len(full.input_ids))
         rows.append((full.input_ids[:-1], s))  # teacher forcing: the last target token is not fed
         targets += [(r, j, full.input_ids[j]) for j in answer]
@@ -271,7 +274,8 @@ def optimise_delta(
     ``read`` (d_in,), u / (u . k_ref): delta reaches every suffix column c of every row as
     (read . k_c) delta, the rank-one update's own effect there (``v_realized_delta: suffix``),
     or only the subject's column and the fed answer tokens' (``answer``); ``row_scale`` is then
-    unused.
+    unused. ``bare``: the bare prompt also runs whole, uncached, with every position's share
+    (its loss and stop test read the edited model itself); the other prompts as under true.
     """
     start = time.perf_counter()
     phrasings = phrasings or []
@@ -290,8 +294,16 @@ def optimise_delta(
         def columns(batch: Batch) -> torch.Tensor | None:
             return _answer_columns(batch) if hp.v_realized_delta == "answer" else None
 
+        exact = hp.v_realized_delta == "bare"  # the bare prompt read off the edited model
         runner = SuffixRunner(model, main, below)
-        groups = [_Group(main, runner, _rows(scale, at_prompts), read, columns(main))]
+        first = _Group(
+            main, runner, _rows(scale, at_prompts), None if exact else read, columns(main)
+        )
+        groups = [first]
+        if exact:  # whole, so the update's share reaches its positions before the subject too
+            bare = build_batch(tok, prompts[:1], target, subject, device, False, whole=True)
+            groups = [_Group(bare, SuffixRunner(model, bare, below), scale[:1], read), first]
+            first.skip_rows = 1  # its cached bare prompt gives way to the whole one
         if phrasings:
             batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
             runner = SuffixRunner(model, batch, below)
@@ -308,10 +320,10 @@ def optimise_delta(
                 group.forward(mlp, rewrite, delta)
             if steps == 0:
                 # delta is still 0: this pass is the unedited model, the KL reference and z
-                kl_ref = groups[0].kl_log_probs().detach()
-                z = groups[0].z  # (d_out,) bare prompt, subject's last token
+                kl_ref = first.kl_log_probs().detach()
+                z = first.z  # (d_out,) bare prompt, subject's last token
                 max_norm = hp.clamp_norm_factor * z.norm()
-            loss, nll_each = _value_loss(groups, kl_ref, delta, z, hp)
+            loss, nll_each = _value_loss(groups, first, kl_ref, delta, z, hp)
             if _reached(loss, nll_each, hp):
                 break
             opt.zero_grad()
@@ -352,6 +364,7 @@ class _Group:
     hidden: torch.Tensor | None = None  # (B, S, d) of the last pass
     z: torch.Tensor | None = None  # (d_out,) MLP output at row 0's subject on the first pass
     share: torch.Tensor | None = None  # (B, S, 1) share of delta at every suffix column
+    skip_rows: int = 0  # leading rows whose NLL another group gives
 
     def forward(self, mlp: torch.nn.Module, rewrite: torch.nn.Module, delta: torch.Tensor) -> None:
         def add_delta(out: torch.Tensor) -> torch.Tensor:
@@ -382,7 +395,7 @@ class _Group:
         b = self.batch
         logp = self.runner.log_probs(self.hidden, b.target_rows, b.target_cols)  # (T, vocab)
         logp_target = logp.gather(1, b.target_ids.to(logp.device)[:, None])[:, 0]  # (T,)
-        return _nll_per_prompt(logp_target, b)
+        return _nll_per_prompt(logp_target, b)[self.skip_rows :]
 
     def kl_log_probs(self) -> torch.Tensor:
         """Next-token log-probs after the KL prompt's subject: (1, vocab)."""
@@ -401,14 +414,16 @@ def _answer_columns(batch: Batch) -> torch.Tensor:
 
 def _value_loss(
     groups: list[_Group],
+    main: _Group,
     kl_ref: torch.Tensor,
     delta: torch.Tensor,
     z: torch.Tensor,
     hp: HParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, mean NLL of the target per rewriting prompt, the bare prompt first)."""
+    """(total loss, mean NLL of the target per rewriting prompt, the bare prompt first); the
+    KL term is read from ``main``, the group of the templated prompts and the KL prompt."""
     nll_each = torch.cat([g.nll_each() for g in groups])
-    kl = F.kl_div(kl_ref, groups[0].kl_log_probs(), log_target=True, reduction="batchmean")
+    kl = F.kl_div(kl_ref, main.kl_log_probs(), log_target=True, reduction="batchmean")
     decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
     loss = nll_each.mean() + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
     return loss, nll_each
