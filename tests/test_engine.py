@@ -964,6 +964,33 @@ def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: s
     assert nll_each[0].item() == pytest.approx(edited, rel=1e-4)
 
 
+def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under "bare" the templated prompts and the relation phrasings take delta as under true
+    (at the subject's token, no ``read``); only the whole, uncached bare prompt gets the share."""
+    model, tok, names = load("llama")
+    made: list[_Group] = []
+
+    class Spy(_Group):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(values_module, "_Group", Spy)
+    d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
+    hp = hparams(v_realized_delta="bare", v_num_grad_steps=1)
+    values_module.optimise_delta(
+        model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
+        None, phrasings, random_delta(d_in, seed=2),
+    )  # fmt: skip
+    main, whole, phrasing = made
+    assert (main.read, phrasing.read) == (None, None) and whole.read is not None
+    assert whole.batch.prefix_ids.shape[1] == 0 and main.skip_rows == 1
+
+
 def test_stop_rules() -> None:
     from rrome_cli.engine.values import _reached
 

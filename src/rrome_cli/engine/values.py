@@ -294,22 +294,22 @@ def optimise_delta(
         def columns(batch: Batch) -> torch.Tensor | None:
             return _answer_columns(batch) if hp.v_realized_delta == "answer" else None
 
-        exact = hp.v_realized_delta == "bare"  # the bare prompt read off the edited model
+        # "bare": the cached groups take delta as under true; the bare prompt runs again whole,
+        # so that the update's share reaches its positions before the subject too
+        exact = hp.v_realized_delta == "bare"
+        spread = None if exact else read  # the share of the cached groups' later columns
         runner = SuffixRunner(model, main, below)
-        first = _Group(
-            main, runner, _rows(scale, at_prompts), None if exact else read, columns(main)
-        )
+        first = _Group(main, runner, _rows(scale, at_prompts), spread, columns(main))
         groups = [first]
-        if exact:  # whole, so the update's share reaches its positions before the subject too
+        if exact:
             bare = build_batch(tok, prompts[:1], target, subject, device, False, whole=True)
             groups = [_Group(bare, SuffixRunner(model, bare, below), scale[:1], read), first]
             first.skip_rows = 1  # its cached bare prompt gives way to the whole one
         if phrasings:
             batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
             runner = SuffixRunner(model, batch, below)
-            groups.append(
-                _Group(batch, runner, scale[at_prompts:at_phrasings], read, columns(batch))
-            )
+            rows = scale[at_prompts:at_phrasings]
+            groups.append(_Group(batch, runner, rows, spread, columns(batch)))
         d_out = weight_as_out_in(rewrite).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
