@@ -72,7 +72,7 @@ class HParams:
     # does not share). "bare": the bare prompt, the one the rewrite metric reads, also runs
     # whole and uncached with every position's share (the subject's earlier tokens and the
     # words before it included), so its loss and stop test read the edited model itself; the
-    # templated prompts as under true. Measured in hparams/smollm2-135m.yaml.
+    # templated prompts and phrasings as under true. Measured in hparams/smollm2-135m.yaml.
     v_realized_delta: bool | str = False
     # Requests' other phrasings of their relation (``phrasings``, or ``--phrasings`` FILE)
     # join the value's prompts, bare, at most this many per request (each costs a row of the
