@@ -378,14 +378,18 @@ def geometry_for(
     prompts += [phrased(tok, request.subject, p) for p in request.phrasings[:max_phrasings]]
     target, subject, cpu = request.target_new, request.subject, torch.device("cpu")
     batch = build_batch(tok, prompts, target, subject, cpu)
-    whole = build_batch(tok, prompts[:1], target, subject, cpu, False, whole=True)
+    whole = (
+        build_batch(tok, prompts[:1], target, subject, cpu, False, whole=True)
+        if whole_bare
+        else None
+    )
     return Geometry(
         rows=batch.prefix_ids.shape[0],
         prefix=batch.prefix_ids.shape[1],
         suffix=batch.suffix_ids.shape[1],
         targets=batch.target_ids.shape[0],
         key_tokens=max(len(p.tokens.ids) for p in prompts),
-        whole=whole.suffix_ids.shape[1] if whole_bare else 0,
+        whole=whole.suffix_ids.shape[1] if whole else 0,
     )
 
 
