@@ -487,10 +487,10 @@ def trace_value_step(
         batch = _meta_batch(geo.rows, geo.prefix, geo.suffix, geo.targets)
         runner = SuffixRunner(model, batch)
         below_out = torch.zeros(geo.rows, geo.suffix, d_out, dtype=dtype, device="meta")  # noqa: F841
-        whole = []  # (runner, batch) of the bare prompt run whole
+        bare_runner = None  # the bare prompt run whole ("bare")
         if geo.whole:
             bare = _meta_batch(1, 0, geo.whole, geo.targets // geo.templates, with_kl=False)
-            whole.append((SuffixRunner(model, bare), bare))
+            bare_runner = SuffixRunner(model, bare)
             whole_below = torch.zeros(1, geo.whole, d_out, dtype=dtype, device="meta")  # noqa: F841
         kl_ref = torch.zeros(1, vocab, device="meta")
         z = torch.ones(d_out, device="meta")
@@ -507,12 +507,14 @@ def trace_value_step(
             tracker.set_phase("forward")
             with edit_output(mlp, add_delta):
                 hidden = runner.hidden()
-                hidden_whole = [r.hidden() for r, _ in whole]
+                hidden_bare = bare_runner.hidden() if bare_runner is not None else None
             tracker.set_phase("head")
             logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
             nll = -logp.gather(1, batch.target_ids[:, None]).mean()
-            for (r, b), h in zip(whole, hidden_whole, strict=True):
-                nll = nll - r.log_probs(h, b.target_rows, b.target_cols)[:, 0].mean()
+            if bare_runner is not None:
+                b = bare_runner.batch
+                logp_bare = bare_runner.log_probs(hidden_bare, b.target_rows, b.target_cols)
+                nll = nll - logp_bare[:, 0].mean()
             kl = F.kl_div(
                 kl_ref,
                 runner.log_probs(hidden, kl_row, kl_col),
