@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +225,30 @@ def test_resume_after_crash_matches_uninterrupted_run(
     assert [p.request for p in cut] == [p.request for p in full] == case_ids
     for a, b in zip(cut, full, strict=True):
         assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_its_patches(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM: exit 143 and the edits made so far folded into
+    patches.safetensors, one per applied record of the report, no journal left."""
+    lines = SAMPLE.read_text().splitlines()
+    requests = tmp_path / "many.jsonl"
+    requests.write_text("\n".join(lines * 20) + "\n")  # far more than run before the signal
+    out, report = tmp_path / "run", tmp_path / "run" / "report.jsonl"
+    edit = ["edit", str(requests), "--model", "tiny-llama", "--out", str(out)]
+    cmd = [sys.executable, "-m", "rrome_cli.cli", *edit]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (report.exists() and report.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err
+    records = [json.loads(x) for x in report.read_text().splitlines()]
+    assert 2 <= len(records) < len(lines) * 20
+    applied = [str(r["case_id"]) for r in records if r["status"] == "applied"]
+    assert applied and [p.request for p in load_patches(out / "patches.safetensors")] == applied
+    assert not (out / run_module.PATCH_JOURNAL).exists()
 
 
 def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:

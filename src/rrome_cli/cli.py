@@ -2,14 +2,18 @@
 
 Human output (progress, tables, warnings) goes to standard error; standard output carries only
 machine output (``--report -``, ``--json``), so the tool composes in shell pipelines.
-Exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 memcheck: does not fit.
+Exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 memcheck: does not fit,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep what was done (``--resume``).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -113,10 +117,31 @@ def resolve_hparams(path: Path | None, model: str | None) -> HParams:
     return HParams()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``): the run stops as on Ctrl-C, its patches
+    folded into patches.safetensors, rather than dying with them left in the journal."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run a command body: bad input exits 2 with a located message, anything else exits 1."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_as_interrupt():
             warnings.simplefilter("default")
             warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning: {msg}")
             return fn()
@@ -125,11 +150,10 @@ def guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
-        console.print(
-            "[red]interrupted[/red]: finished requests are in the report; use --resume DIR"
-        )
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as err:
+        how, code = ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        console.print(f"[red]{how}[/red]: finished requests are in the report; use --resume DIR")
+        raise typer.Exit(code) from None
     except Exception as err:  # noqa: BLE001 - the one place that turns crashes into exit 1
         console.print(f"[red]internal error:[/red] {type(err).__name__}: {err}")
         raise typer.Exit(1) from None
