@@ -68,6 +68,12 @@ def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
     path.write_text("protect_weight: -1\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml: protect_weight must be 0"):
         load_hparams(path)
+    path.write_text("v_bare_weight: 1\n")  # the templates would get nothing
+    with pytest.raises(HParamsError, match=r"bad\.yaml: v_bare_weight must be in \[0, 1\)"):
+        load_hparams(path)
+    path.write_text("v_adam_beta2: 1.5\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml: v_adam_beta2 must be in \[0, 1\)"):
+        load_hparams(path)
 
 
 def test_ships_every_model_and_fixture() -> None:

@@ -38,6 +38,7 @@ from rrome_cli.engine.values import (
     ValueResult,
     _answer_columns,
     _Group,
+    _value_loss,
     build_batch,
     frozen,
 )
@@ -646,7 +647,7 @@ def check_suffix_runner(
             n_suffix = len(row) - s
             assert int(batch.suffix_mask[r].sum()) == n_suffix
             fp32_close(hidden[r, :n_suffix], expected[r, s : len(row)], rtol=1e-4)
-        logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
+        logp = runner.log_probs(hidden[batch.target_rows, batch.target_cols])
         at = torch.tensor([[r, p] for r, p, _ in targets])
         logits = model.get_output_embeddings()(expected[at[:, 0], at[:, 1]]).float()
         fp32_close(logp, torch.log_softmax(logits, -1), rtol=1e-4)
@@ -901,7 +902,7 @@ def test_suffix_realized_delta_is_the_rank_one_update_itself(
     group = _Group(batch, runner, torch.ones(2, 1, 1), read)
     with frozen(model), torch.no_grad():
         group.forward(model.get_submodule(names.mlp(LAYER)), rewrite, delta)
-        nll = group.nll_each()[0].item()
+        nll = group.nll_each(runner.log_probs(group.at_targets()))[0].item()
     apply_update(rewrite, torch.outer(delta, u) / (u @ k_ref))
     (score,) = score_answers(model, tok, [(FIRST_TOKEN.text, target)])
     edited = -sum(score.token_logprobs) / len(score.token_logprobs)
@@ -943,10 +944,9 @@ def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: s
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (delta, NLL per prompt) of each pass
     real = values_module._value_loss
 
-    def spy(groups: Any, main: Any, kl_ref: Any, delta: torch.Tensor, *rest: Any) -> Any:
-        loss, nll_each = real(groups, main, kl_ref, delta, *rest)
+    def spy(nll_each: torch.Tensor, kl: Any, kl_ref: Any, delta: torch.Tensor, *rest: Any) -> Any:
         seen.append((delta.detach().clone(), nll_each.detach().clone()))
-        return loss, nll_each
+        return real(nll_each, kl, kl_ref, delta, *rest)
 
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_lr=0.5)
     with pytest.MonkeyPatch.context() as mp:
@@ -1114,3 +1114,47 @@ def test_phrasings_in_their_own_batch_optimise_as_one_batch(family: str) -> None
     fp32_close(apart.delta, together.delta, rtol=1e-4)
     assert apart.nll == pytest.approx(together.nll, rel=1e-4)
     assert apart.loss == pytest.approx(together.loss, rel=1e-4)
+
+
+def test_bare_weight_gives_the_bare_prompt_its_share_of_the_nll() -> None:
+    """The value's loss by hand: w * NLL(bare) + (1 - w) * mean NLL + kl_factor * KL + decay."""
+    nll_each = torch.tensor([2.0, 0.5, 0.25, 1.25])  # the bare prompt first; mean 1.0
+    kl_ref = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0]]), -1)
+    kl_log_probs = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0]]), -1)
+    kl = float((kl_log_probs.exp() * (kl_log_probs - kl_ref)).sum())  # KL(edited || unedited)
+    delta, z = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])  # decay: 5 / 4 of its factor
+    terms = dict(kl_factor=0.5, v_weight_decay=0.1)
+    plain = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, hparams(**terms))
+    assert plain.item() == pytest.approx(1.0 + 0.5 * kl + 0.1 * 5 / 4)
+    weighted = hparams(v_bare_weight=0.25, **terms)
+    loss = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, weighted)
+    assert loss.item() == pytest.approx(0.25 * 2.0 + 0.75 * 1.0 + 0.5 * kl + 0.1 * 5 / 4)
+
+
+def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
+    """The templates, the phrasings, the whole bare prompt and the KL row share one head call
+    a pass: a call per group reads the (vocab, d) weight once more, forward and backward."""
+    model, tok, names = load("llama")
+    calls: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: calls.append(out.shape[0])
+    )
+    d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
+    hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_stop="every", v_stop_prob=1.0)
+    try:
+        result = values_module.optimise_delta(
+            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
+            None, phrasings, random_delta(d_in, seed=2),
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert result.steps == 3 and len(calls) == 3  # p = 1 is never reached: 3 passes
+
+    def targets(group: list[Any]) -> int:
+        batch = build_batch(tok, group, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
+        return len(batch.target_ids)
+
+    # the templates' targets, the whole bare prompt's (again), the phrasings', the KL row
+    assert calls == [targets(prompts) + targets(prompts[:1]) + targets(phrasings) + 1] * 3

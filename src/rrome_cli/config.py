@@ -48,6 +48,9 @@ class HParams:
     fact_token: str = "subject_last"
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
+    # Adam's second-moment decay. At 0.999 (PyTorch's default) the step's scale remembers the
+    # first steps' large gradients through a whole optimisation, so late steps are short.
+    v_adam_beta2: float = 0.999
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
@@ -57,6 +60,11 @@ class HParams:
     v_stop: str = "loss"
     v_stop_loss: float = 5e-2
     v_stop_prob: float = 0.9
+    # The bare prompt's share of the target's NLL in the loss: w * NLL(bare) + (1 - w) * the
+    # mean over every prompt. 0 (ROME): the plain mean, where the bare prompt is one row in ~20;
+    # the "target" stop waits on it, and once the templates pass v_stop_prob its gradient is
+    # all that moves delta, while Adam's step still scales to the earlier, larger gradients.
+    v_bare_weight: float = 0.0
     # The least fraction of delta the bare prompt receives, (u . k_bare) / (u . k*). When the
     # subject opens the prompt its key sits at the first positions, far (in C^-1) from the
     # templates' keys, and the plain mean may give it a few percent of the edit. Below this
@@ -110,8 +118,12 @@ class HParams:
             raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
         realized = self.v_realized_delta
         if not (isinstance(realized, bool) or realized in REALIZED):
-            options = "true, false, suffix or answer"
+            options = "true, false, " + ", ".join(REALIZED[:-1]) + " or " + REALIZED[-1]
             raise HParamsError(f"v_realized_delta must be {options}, got {realized!r}")
+        if not 0 <= self.v_adam_beta2 < 1:
+            raise HParamsError("v_adam_beta2 must be in [0, 1)")
+        if not 0 <= self.v_bare_weight < 1:
+            raise HParamsError("v_bare_weight must be in [0, 1)")
         if self.v_num_grad_steps < 1:
             raise HParamsError("v_num_grad_steps must be at least 1")
         if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:

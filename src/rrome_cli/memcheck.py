@@ -472,8 +472,9 @@ def trace_value_step(
     Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
     output of the blocks below the edit and the KL reference, then optimisation steps: suffix
     forward with delta added at the subject's last token, fp32 log-softmax at the target rows
-    and the KL row, backward into delta, Adam; under ``v_realized_delta: bare`` (``geo.whole``)
-    the bare prompt runs again whole, as a batch of its own. ``v_realized_delta`` ``suffix`` /
+    and the KL row (one head call), backward into delta, Adam; under ``v_realized_delta:
+    bare`` (``geo.whole``) the bare prompt runs again whole, as a batch of its own (its target
+    rows join the head call). ``v_realized_delta`` ``suffix`` /
     ``answer`` / ``bare`` add delta at later columns too, through a (rows, suffix, 1) share:
     left out (6 KB of a 33 MB SmolLM2 edit; tests/test_memcheck.py checks the prediction with
     them).
@@ -509,18 +510,14 @@ def trace_value_step(
                 hidden = runner.hidden()
                 hidden_bare = bare_runner.hidden() if bare_runner is not None else None
             tracker.set_phase("head")
-            logp = runner.log_probs(hidden, batch.target_rows, batch.target_cols)
-            nll = -logp.gather(1, batch.target_ids[:, None]).mean()
+            picked = [hidden[batch.target_rows, batch.target_cols]]
             if bare_runner is not None:
                 b = bare_runner.batch
-                logp_bare = bare_runner.log_probs(hidden_bare, b.target_rows, b.target_cols)
-                nll = nll - logp_bare[:, 0].mean()
-            kl = F.kl_div(
-                kl_ref,
-                runner.log_probs(hidden, kl_row, kl_col),
-                log_target=True,
-                reduction="batchmean",
-            )
+                picked.append(hidden_bare[b.target_rows, b.target_cols])
+            picked.append(hidden[kl_row, kl_col])  # every row in one head call, as the engine
+            logp = runner.log_probs(torch.cat(picked))
+            nll = -logp[:-1, 0].mean()
+            kl = F.kl_div(kl_ref, logp[-1:], log_target=True, reduction="batchmean")
             loss = nll + kl + delta.norm() / z.norm() ** 2
             tracker.set_phase("backward")
             opt.zero_grad()

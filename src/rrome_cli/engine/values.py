@@ -1,7 +1,8 @@
 """The value v*: optimise delta, added to the MLP output at the subject's last token (with
 ``v_realized_delta: suffix``, at every later position too, scaled as the update will add it).
 
-Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing)
+Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing;
+         with v_bare_weight w: w * the bare prompt's + (1 - w) * that mean)
      + kl_factor * KL(edited || unedited) of the next token after the subject in "{subject} is a"
      + v_weight_decay * ||delta|| / ||z||^2          (z: the unedited MLP output, bare prompt)
 Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each step.
@@ -227,11 +228,8 @@ class SuffixRunner:
             layer.keys, layer.values = keys, values  # drop the suffix; reuse the prefix
         return out.last_hidden_state
 
-    def log_probs(
-        self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-    ) -> torch.Tensor:
-        """fp32 log-softmax of the logits at (rows, cols) only: (N, vocab)."""
-        h = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 log-softmax of the logits of the final hidden states ``h`` (N, d): (N, vocab)."""
         logits = self.head(h.to(execution_device(self.head))).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -312,18 +310,19 @@ def optimise_delta(
             groups.append(_Group(batch, runner, rows, spread, columns(batch)))
         d_out = weight_as_out_in(rewrite).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(0.9, hp.v_adam_beta2))
         steps, step_times = 0, []
         for _ in range(hp.v_num_grad_steps):
             t_step = time.perf_counter()
             for group in groups:
                 group.forward(mlp, rewrite, delta)
+            nll_each, kl_log_probs = _read_out(groups, first)
             if steps == 0:
                 # delta is still 0: this pass is the unedited model, the KL reference and z
-                kl_ref = first.kl_log_probs().detach()
+                kl_ref = kl_log_probs.detach()
                 z = first.z  # (d_out,) bare prompt, subject's last token
                 max_norm = hp.clamp_norm_factor * z.norm()
-            loss, nll_each = _value_loss(groups, first, kl_ref, delta, z, hp)
+            loss = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, hp)
             if _reached(loss, nll_each, hp):
                 break
             opt.zero_grad()
@@ -390,17 +389,21 @@ class _Group:
             stack.enter_context(edit_output(mlp, add_delta))
             self.hidden = self.runner.hidden()
 
-    def nll_each(self) -> torch.Tensor:
-        """Mean NLL of the target per rewriting prompt: (n_rewrite,)."""
-        b = self.batch
-        logp = self.runner.log_probs(self.hidden, b.target_rows, b.target_cols)  # (T, vocab)
-        logp_target = logp.gather(1, b.target_ids.to(logp.device)[:, None])[:, 0]  # (T,)
-        return _nll_per_prompt(logp_target, b)[self.skip_rows :]
+    def at_targets(self) -> torch.Tensor:
+        """Final hidden states where the target tokens are predicted: (T, d)."""
+        b, device = self.batch, self.hidden.device
+        return self.hidden[b.target_rows.to(device), b.target_cols.to(device)]
 
-    def kl_log_probs(self) -> torch.Tensor:
-        """Next-token log-probs after the KL prompt's subject: (1, vocab)."""
-        rows = torch.tensor([self.batch.n_rewrite])
-        return self.runner.log_probs(self.hidden, rows, torch.tensor([0]))
+    def at_kl(self) -> torch.Tensor:
+        """Final hidden state after the KL prompt's subject (the batch's last row): (1, d)."""
+        return self.hidden[self.batch.n_rewrite, :1]
+
+    def nll_each(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Mean NLL of the target per rewriting prompt, given the log-probs (T, vocab) at
+        ``at_targets``: (n_rewrite - skip_rows,)."""
+        b = self.batch
+        logp_target = log_probs.gather(1, b.target_ids.to(log_probs.device)[:, None])[:, 0]
+        return _nll_per_prompt(logp_target, b)[self.skip_rows :]
 
 
 def _answer_columns(batch: Batch) -> torch.Tensor:
@@ -412,21 +415,34 @@ def _answer_columns(batch: Batch) -> torch.Tensor:
     return ((cols == 0) | (cols >= first[:, None])).float()[..., None]
 
 
+def _read_out(groups: list[_Group], main: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL of the target per rewriting prompt, the bare prompt first; the log-probs after
+    the KL prompt's subject, (1, vocab), read from ``main``, the templated prompts' group).
+
+    Every group's rows go through the head in one call: at a few dozen rows its matmul is bound
+    by reading the (vocab, d) weight, so each further call, forward and backward, costs about
+    as much as all the rows together (SmolLM2: ~20 ms a step for the KL row on its own)."""
+    picked = [g.at_targets() for g in groups] + [main.at_kl()]
+    log_probs = main.runner.log_probs(torch.cat(picked)).split([len(p) for p in picked])
+    nll_each = torch.cat([g.nll_each(lp) for g, lp in zip(groups, log_probs[:-1], strict=True)])
+    return nll_each, log_probs[-1]
+
+
 def _value_loss(
-    groups: list[_Group],
-    main: _Group,
+    nll_each: torch.Tensor,
+    kl_log_probs: torch.Tensor,
     kl_ref: torch.Tensor,
     delta: torch.Tensor,
     z: torch.Tensor,
     hp: HParams,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, mean NLL of the target per rewriting prompt, the bare prompt first); the
-    KL term is read from ``main``, the group of the templated prompts and the KL prompt."""
-    nll_each = torch.cat([g.nll_each() for g in groups])
-    kl = F.kl_div(kl_ref, main.kl_log_probs(), log_target=True, reduction="batchmean")
+) -> torch.Tensor:
+    """NLL (the mean, ``v_bare_weight`` of it the bare prompt's) + kl_factor * KL(edited ||
+    unedited) after the KL prompt + weight decay."""
+    kl = F.kl_div(kl_ref, kl_log_probs, log_target=True, reduction="batchmean")
     decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
-    loss = nll_each.mean() + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
-    return loss, nll_each
+    w = hp.v_bare_weight
+    nll = nll_each.mean() if w == 0 else w * nll_each[0] + (1 - w) * nll_each.mean()
+    return nll + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
 
 
 def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
