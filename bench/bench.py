@@ -46,7 +46,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_stats import bench_stats  # noqa: E402
 from rephrase_split import read_labels, read_rows, rephrase_by_case, split, with_seen_phrasing  # noqa: E402
 
-from rrome_cli.config import HParams, load_hparams, shipped_hparams  # noqa: E402
+from rrome_cli.config import (  # noqa: E402
+    HParams,
+    HParamsError,
+    from_dict,
+    load_hparams,
+    shipped_hparams,
+)
 from rrome_cli.engine.edit import edit  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
 from rrome_cli.engine.update import (  # noqa: E402
@@ -315,6 +321,15 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-=" else "_" for c in name)
 
 
+def same_recipe(kept: dict | None, recipe: dict) -> bool:
+    """Whether a kept section measured ``recipe``: hyperparameters added since it was
+    measured count at their defaults (a new one defaults to the behaviour before it)."""
+    try:
+        return kept is not None and from_dict(kept).to_dict() == from_dict(recipe).to_dict()
+    except HParamsError:  # a hyperparameter since removed
+        return False
+
+
 def run_sections(
     todo: dict[str, Section], work: Path, only: list[str], measure: bool = True
 ) -> tuple[dict, list[str]]:
@@ -332,7 +347,7 @@ def run_sections(
     for name, section in todo.items():
         path = done_dir / f"{_slug(name)}.json"
         kept = json.loads(path.read_text()) if path.exists() else None
-        current = kept is not None and kept.get("recipe") == section.recipe
+        current = kept is not None and same_recipe(kept.get("recipe"), section.recipe)
         if measure and not current and (not only or any(o in name for o in only)):
             if kept is not None:
                 retire(path, work)
