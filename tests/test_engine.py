@@ -34,13 +34,17 @@ from rrome_cli.engine.update import (
     save_patches,
 )
 from rrome_cli.engine.values import (
-    SuffixRunner,
+    PackedPass,
+    Readout,
+    Row,
     ValueResult,
-    _answer_columns,
-    _Group,
+    _read_positions,
     _value_loss,
-    build_batch,
+    delta_site,
     frozen,
+    kl_row,
+    pack,
+    prompt_row,
 )
 from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
@@ -610,44 +614,62 @@ def expected_rows(
     return rows, subject_at, targets
 
 
-def check_suffix_runner(
-    family: str, request: EditRequest, templates: list[str], passes: int
+def value_rows(
+    tok: PreTrainedTokenizerBase, request: EditRequest, templates: list[str], whole: bool = False
+) -> list[Row]:
+    """The engine's rows: one per template (the first run whole if ``whole``), the KL prompt."""
+    prompts = [templated(tok, request, t) for t in templates]
+    rows = [prompt_row(tok, p, request.target_new, whole and i == 0) for i, p in enumerate(prompts)]
+    return [*rows, kl_row(tok, request.subject)]
+
+
+def add_at_subjects(packed: PackedPass, rows: list[Row], delta: torch.Tensor) -> Any:
+    """A forward hook adding delta at every row's subject's last token, by packed slot."""
+    slots = torch.tensor([packed.slot(i, r.subject) for i, r in enumerate(rows)])
+
+    def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        flat = out.flatten(0, 1).clone()
+        flat[slots] += delta
+        return flat.view(out.shape)
+
+    return hook
+
+
+def check_packed_pass(
+    family: str, request: EditRequest, templates: list[str], passes: int, whole: bool = False
 ) -> None:
     model, tok, names = load(family)
-    prompts = [templated(tok, request, t) for t in templates]
-    batch = build_batch(tok, prompts, request.target_new, request.subject, torch.device("cpu"))
-    rows, subject_at, targets = expected_rows(tok, request, templates)
+    rows = value_rows(tok, request, templates, whole)
+    full, subject_at, targets = expected_rows(tok, request, templates)
     delta = random_delta(model.config.hidden_size, seed=4)
-    expected = reference_hidden(model, tok, names, rows, subject_at, delta)
-    plain = reference_hidden(model, tok, names, rows, subject_at, torch.zeros_like(delta))
+    expected = reference_hidden(model, tok, names, full, subject_at, delta)
+    plain = reference_hidden(model, tok, names, full, subject_at, torch.zeros_like(delta))
     assert (expected - plain).abs().max() > 1e-2  # delta does reach the final layer
 
-    assert batch.target_ids.tolist() == [t for _, _, t in targets]
-    assert batch.n_rewrite == len(templates)
+    assert [t for r in rows for _, t in r.targets] == [t for _, _, t in targets]
+    assert [r.subject for r in rows] == subject_at
     # the blocks below the edited layer run on the first pass only; later passes reuse them
-    runner = SuffixRunner(model, batch, [names.layer(i) for i in range(LAYER)])
+    packed = PackedPass(model, rows, [names.layer(i) for i in range(LAYER)])
+    if whole:  # the whole row is the widest: shorter rows share lines
+        assert packed.shape[0] < len(rows) and packed.shape[1] == len(rows[0].ids)
     block0_calls: list[int] = []
     hook0 = model.get_submodule(names.layer(0)).register_forward_pre_hook(
         lambda *_: block0_calls.append(1)
     )
-
-    def add_delta(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
-        out[:, 0] += delta  # suffix column 0 is each row's subject token
-        return out
-
     for _ in range(passes):  # the cache must be reset between passes
-        hook = model.get_submodule(names.mlp(LAYER)).register_forward_hook(add_delta)
+        mlp = model.get_submodule(names.mlp(LAYER))
+        hook = mlp.register_forward_hook(add_at_subjects(packed, rows, delta))
         try:
             with torch.no_grad():
-                hidden = runner.hidden()
+                hidden = packed.hidden()
         finally:
             hook.remove()
-        for r, (row, s) in enumerate(zip(rows, subject_at, strict=True)):
-            n_suffix = len(row) - s
-            assert int(batch.suffix_mask[r].sum()) == n_suffix
-            fp32_close(hidden[r, :n_suffix], expected[r, s : len(row)], rtol=1e-4)
-        logp = runner.log_probs(hidden[batch.target_rows, batch.target_cols])
+        for i, r in enumerate(rows):
+            fed = range(r.split, len(r.ids))
+            got = hidden[[packed.slot(i, j) for j in fed]]
+            fp32_close(got, expected[i, r.split : len(r.ids)], rtol=1e-4)
+        readout = Readout.of(packed, rows)
+        logp = packed.log_probs(hidden[readout.slots[:-1]])
         at = torch.tensor([[r, p] for r, p, _ in targets])
         logits = model.get_output_embeddings()(expected[at[:, 0], at[:, 1]]).float()
         fp32_close(logp, torch.log_softmax(logits, -1), rtol=1e-4)
@@ -658,24 +680,35 @@ def check_suffix_runner(
     )
 
 
-def test_suffix_pass_matches_full_forward(family: str) -> None:
-    check_suffix_runner(family, REQUEST, TEMPLATES, passes=2)
+def test_packed_pass_matches_full_forward(family: str) -> None:
+    check_packed_pass(family, REQUEST, TEMPLATES, passes=2)
 
 
-def test_suffix_pass_with_subject_first_in_the_prompt(family: str) -> None:
+def test_packed_pass_with_a_whole_row_sharing_lines(family: str) -> None:
+    """The bare prompt run whole (``bare``) is the widest row: the others pack beside each
+    other in its width, each seeing only its own prefix and tokens."""
+    check_packed_pass(family, REQUEST, TEMPLATES, passes=2, whole=True)
+
+
+def test_packed_pass_with_subject_first_in_the_prompt(family: str) -> None:
     model, tok, _ = load(family)
     assert subject_last_index(tok, FIRST_TOKEN.text, len("The")) == 0  # empty prefix row
-    check_suffix_runner(family, FIRST_TOKEN, TEMPLATES, passes=2)
+    check_packed_pass(family, FIRST_TOKEN, TEMPLATES, passes=2)
 
 
-def test_suffix_pass_skips_the_blocks_below(family: str) -> None:
+def test_pack_first_fit_longest_first() -> None:
+    assert pack([3, 3, 3]) == [[0], [1], [2]]  # equal rows: a line each, in order
+    assert pack([11, 3, 3, 3, 3, 1]) == [[0], [1, 2, 3, 5], [4]]  # 1 fits the first room
+    assert pack([2, 5, 3, 1]) == [[1], [2, 0], [3]]
+
+
+def test_packed_pass_skips_the_blocks_below(family: str) -> None:
     """Edited layer 3 of 4: blocks 0-2 run once; later passes (delta changing at layer 3)
     equal a pass that computes every block."""
     model, tok, names = load(family)
-    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
-    batch = build_batch(tok, prompts, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
-    fast = SuffixRunner(model, batch, [names.layer(i) for i in range(3)])
-    full = SuffixRunner(model, batch)
+    rows = value_rows(tok, REQUEST, TEMPLATES, whole=True)
+    fast = PackedPass(model, rows, [names.layer(i) for i in range(3)])
+    full = PackedPass(model, rows)
     block0_calls: list[int] = []
     handle = model.get_submodule(names.layer(0)).register_forward_pre_hook(
         lambda *_: block0_calls.append(1)
@@ -684,7 +717,7 @@ def test_suffix_pass_skips_the_blocks_below(family: str) -> None:
     try:
         for seed in (1, 2, 3):
             delta = random_delta(model.config.hidden_size, seed=seed)
-            with torch.no_grad(), edit_output(mlp, lambda out, d=delta: shifted(out, d)):
+            with torch.no_grad(), edit_output(mlp, lambda out, d=delta: out + d):
                 calls = len(block0_calls)
                 got = fast.hidden()
                 assert len(block0_calls) == calls + (seed == 1)  # only the first pass
@@ -694,13 +727,9 @@ def test_suffix_pass_skips_the_blocks_below(family: str) -> None:
     assert type(model.get_submodule(names.layer(0))) is type(model.get_submodule(names.layer(3)))
 
 
-def shifted(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return torch.cat([out[:, :1] + delta, out[:, 1:]], dim=1)
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_suffix_pass_when_every_prefix_is_empty(family: str) -> None:
-    check_suffix_runner(family, FIRST_TOKEN, ["{}"], passes=2)
+def test_packed_pass_when_every_prefix_is_empty(family: str) -> None:
+    check_packed_pass(family, FIRST_TOKEN, ["{}"], passes=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -891,18 +920,18 @@ def test_suffix_realized_delta_is_the_rank_one_update_itself(
     model, tok, names = load(family)
     prompts = [templated(tok, FIRST_TOKEN, "{}")]
     target, subject = FIRST_TOKEN.target_new, FIRST_TOKEN.subject
-    batch = build_batch(tok, prompts, target, subject, torch.device("cpu"))
+    rows = [prompt_row(tok, prompts[0], target), kl_row(tok, subject)]
     rewrite = model.get_submodule(names.rewrite(LAYER))
     d_out, d_in = weight_as_out_in(rewrite).shape
     u, k_ref = random_delta(d_in, seed=2), random_delta(d_in, seed=3)
     u = u if float(u @ k_ref) > 0 else -u
     delta = 30 * random_delta(d_out, seed=4) / d_out**0.5
     read = u / (u @ k_ref) if realized == "suffix" else None
-    runner = SuffixRunner(model, batch, [names.layer(i) for i in range(LAYER)])
-    group = _Group(batch, runner, torch.ones(2, 1, 1), read)
+    packed = PackedPass(model, rows, [names.layer(i) for i in range(LAYER)])
+    site = delta_site(packed, rows, torch.ones(2), read, realized)
     with frozen(model), torch.no_grad():
-        group.forward(model.get_submodule(names.mlp(LAYER)), rewrite, delta)
-        nll = group.nll_each(runner.log_probs(group.at_targets()))[0].item()
+        hidden = site.forward(packed, model.get_submodule(names.mlp(LAYER)), rewrite, delta)
+        nll = Readout.of(packed, rows).read(packed, hidden)[0][0].item()
     apply_update(rewrite, torch.outer(delta, u) / (u @ k_ref))
     (score,) = score_answers(model, tok, [(FIRST_TOKEN.text, target)])
     edited = -sum(score.token_logprobs) / len(score.token_logprobs)
@@ -912,21 +941,18 @@ def test_suffix_realized_delta_is_the_rank_one_update_itself(
         assert abs(nll - edited) > 1e-2 * abs(edited)
 
 
-def test_answer_columns_are_the_subject_token_and_the_fed_answer(family: str) -> None:
-    """v_realized_delta "answer": delta's share at column 0 (the subject's last token) and at
-    the fed answer tokens, none at the prompt's words in between; the KL row: column 0 only."""
+def test_answer_positions_are_the_subject_token_and_the_fed_answer(family: str) -> None:
+    """v_realized_delta "answer": delta's share at the subject's last token and at the fed
+    answer tokens, none at the prompt's words in between; the KL row: its subject only."""
     _, tok, _ = load(family)
-    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
-    batch = build_batch(tok, prompts, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
+    rows = value_rows(tok, REQUEST, TEMPLATES)
     _, subject_at, targets = expected_rows(tok, REQUEST, TEMPLATES)
-    mask = _answer_columns(batch)[..., 0]
-    width = mask.shape[1]
-    for r in range(len(TEMPLATES)):
-        first_answer = min(j for row, j, _ in targets if row == r) + 1  # its position
-        expected = [c == 0 or subject_at[r] + c >= first_answer for c in range(width)]
-        assert mask[r].tolist() == [float(x) for x in expected]
-        assert 0 < sum(expected) < width  # some prompt words get none
-    assert mask[-1].tolist() == [1.0] + [0.0] * (width - 1)
+    for i, row in enumerate(rows[:-1]):
+        first_answer = min(j for r, j, _ in targets if r == i) + 1  # its position
+        expected = [subject_at[i], *range(first_answer, len(row.ids))]
+        assert _read_positions(row, i, "answer") == expected
+        assert subject_at[i] + 1 < first_answer  # some prompt words get none
+    assert _read_positions(rows[-1], len(rows) - 1, "answer") == [rows[-1].subject]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -970,14 +996,15 @@ def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
     """Under "bare" the templated prompts and the relation phrasings take delta as under true
     (at the subject's token, no ``read``); only the whole, uncached bare prompt gets the share."""
     model, tok, names = load("llama")
-    made: list[_Group] = []
+    made: list[tuple[PackedPass, list[Row], Any]] = []
+    real = values_module.delta_site
 
-    class Spy(_Group):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
+    def spy(packed: PackedPass, rows: list[Row], *args: Any) -> Any:
+        site = real(packed, rows, *args)
+        made.append((packed, rows, site))
+        return site
 
-    monkeypatch.setattr(values_module, "_Group", Spy)
+    monkeypatch.setattr(values_module, "delta_site", spy)
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
@@ -986,9 +1013,13 @@ def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
         model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
         None, phrasings, random_delta(d_in, seed=2),
     )  # fmt: skip
-    main, whole, phrasing = made
-    assert (main.read, phrasing.read) == (None, None) and whole.read is not None
-    assert whole.batch.prefix_ids.shape[1] == 0 and main.skip_rows == 1
+    ((packed, rows, site),) = made
+    assert len(rows) == len(TEMPLATES) + 1 + 1  # the bare prompt once (whole), the KL prompt
+    assert rows[0].split == 0 and all(r.split > 0 for r in rows[1:])
+    whole = [packed.slot(0, j) for j in range(len(rows[0].ids))]
+    assert site.reads.nonzero()[:, 0].tolist() == sorted(whole)
+    subjects = [packed.slot(i, r.subject) for i, r in enumerate(rows) if i > 0]
+    assert site.fixed.nonzero()[:, 0].tolist() == sorted(subjects)
 
 
 def test_stop_rules() -> None:
@@ -1139,6 +1170,9 @@ def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
     hook = model.get_output_embeddings().register_forward_hook(
         lambda _m, _i, out: calls.append(out.shape[0])
     )
+    passes: list[int] = []  # calls of the top decoder block
+    top = model.get_submodule(names.layer(model.config.num_hidden_layers - 1))
+    top_hook = top.register_forward_hook(lambda *_: passes.append(1))
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
@@ -1150,11 +1184,12 @@ def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
         )  # fmt: skip
     finally:
         hook.remove()
+        top_hook.remove()
     assert result.steps == 3 and len(calls) == 3  # p = 1 is never reached: 3 passes
 
     def targets(group: list[Any]) -> int:
-        batch = build_batch(tok, group, REQUEST.target_new, REQUEST.subject, torch.device("cpu"))
-        return len(batch.target_ids)
+        return sum(len(prompt_row(tok, p, REQUEST.target_new).targets) for p in group)
 
-    # the templates' targets, the whole bare prompt's (again), the phrasings', the KL row
-    assert calls == [targets(prompts) + targets(prompts[:1]) + targets(phrasings) + 1] * 3
+    # the templates' targets (the bare prompt's once, whole), the phrasings', the KL row
+    assert calls == [targets(prompts) + targets(phrasings) + 1] * 3
+    assert len(passes) == 1 + 3  # the prefix pass, then one call of the model a pass

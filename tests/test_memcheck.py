@@ -221,9 +221,9 @@ def _predicted_vs_measured(model, tok, hp: HParams, covariances=None) -> tuple[i
 
 @pytest.mark.parametrize("realized", [True, "suffix", "answer", "bare"])
 def test_predicted_edit_working_set_matches_a_tiny_edit(tiny, realized: bool | str) -> None:
-    """The trace adds delta at the subject's column only; spreading it over the columns after
-    (``v_realized_delta: suffix`` / ``answer`` / ``bare``) adds a (rows, suffix, 1) share,
-    within the tolerance (on SmolLM2, 6 KB of a 33 MB edit)."""
+    """The trace runs the engine's packed pass on the request's own rows (the bare prompt
+    whole under ``bare``, whose share of delta it reads off the keys as the engine does);
+    ``suffix`` / ``answer`` read theirs too, an (N, 1) share left out, within the tolerance."""
     model, tok = tiny
     hp = dataclasses.replace(TINY_HPARAMS, v_realized_delta=realized)
     predicted, measured = _predicted_vs_measured(model, tok, hp)

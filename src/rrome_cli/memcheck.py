@@ -6,9 +6,10 @@ Everything is computed from the model's configuration: the model is built on the
 - Weights: placed by the accelerate device map an edit would use (``device_map``): one device
   holds everything; several devices get a balanced ``infer_auto_device_map``.
 - The value step (optimising delta, the largest part of an edit) is *traced*: the engine's own
-  ``SuffixRunner`` and two optimisation steps run on meta tensors at the planned batch
-  geometry, and a dispatch mode counts the bytes of every tensor alive at each moment
-  (attention as a fused kernel keeps it: q, k, v, output, log-sum-exp). Three shallow
+  ``PackedPass``, ``DeltaSite`` and ``Readout`` and two optimisation steps run on meta tensors
+  at the planned batch geometry (a request's own rows when given), and a dispatch mode counts
+  the bytes of every tensor alive at each moment (attention as a fused kernel keeps it: q, k,
+  v, output, log-sum-exp). Three shallow
   copies of the model (edit layer plus 0-1 layers below and 1-2 above) give, per phase, the
   bytes of the fixed part and of each layer below / above the edited one; the real depth and
   the device of every layer then give the peak per device. Like the engine, the trace computes
@@ -58,9 +59,16 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.hooks import edit_output
 from rrome_cli.engine.keys import phrased, templated
-from rrome_cli.engine.values import Batch, SuffixRunner, build_batch, frozen
+from rrome_cli.engine.values import (
+    PackedPass,
+    Readout,
+    Row,
+    delta_site,
+    frozen,
+    kl_row,
+    prompt_row,
+)
 from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
     DTYPES,
@@ -339,6 +347,8 @@ class Geometry:
     targets: int  # target tokens over all rewriting prompts: the logit rows the loss reads
     key_tokens: int  # longest templated prompt: the key pass
     whole: int = 0  # v_realized_delta "bare": the bare prompt's tokens, run again uncached
+    # a real request's rows (tokens, split, subject, targets) as the engine feeds them, KL last
+    exact: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def templates(self) -> int:
@@ -376,42 +386,39 @@ def geometry_for(
     ``whole_bare``: with the bare prompt run again whole (``v_realized_delta: bare``)."""
     prompts = [templated(tok, request, t) for t in templates]
     prompts += [phrased(tok, request.subject, p) for p in request.phrasings[:max_phrasings]]
-    target, subject, cpu = request.target_new, request.subject, torch.device("cpu")
-    batch = build_batch(tok, prompts, target, subject, cpu)
-    whole = (
-        build_batch(tok, prompts[:1], target, subject, cpu, False, whole=True)
-        if whole_bare
-        else None
-    )
+    target = request.target_new
+    rows = [prompt_row(tok, p, target) for p in prompts]
+    whole = prompt_row(tok, prompts[0], target, whole=True)
+    fed = [whole, *rows[1:]] if whole_bare else rows
     return Geometry(
-        rows=batch.prefix_ids.shape[0],
-        prefix=batch.prefix_ids.shape[1],
-        suffix=batch.suffix_ids.shape[1],
-        targets=batch.target_ids.shape[0],
+        rows=len(rows) + 1,
+        prefix=max(r.split for r in rows),
+        suffix=max(len(r.ids) - r.split for r in rows),
+        targets=sum(len(r.targets) for r in rows),
         key_tokens=max(len(p.tokens.ids) for p in prompts),
-        whole=whole.suffix_ids.shape[1] if whole else 0,
+        whole=len(whole.ids) if whole_bare else 0,
+        exact=tuple(
+            (len(r.ids), r.split, r.subject, len(r.targets))
+            for r in [*fed, kl_row(tok, request.subject)]
+        ),
     )
 
 
-def _meta_batch(rows: int, prefix: int, suffix: int, targets: int, with_kl: bool = True) -> Batch:
-    def ids(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=torch.long, device="meta")
+def _meta_rows(geo: Geometry) -> list[Row]:
+    """Rows of ``geo``'s shapes, as the engine builds them (``engine/values.py``): the bare
+    prompt (run whole under ``bare``), the other templates, then the KL prompt; a real
+    request's own rows where ``geo`` has them."""
 
-    def ones(*shape: int) -> torch.Tensor:
-        return torch.ones(*shape, dtype=torch.long, device="meta")
+    def row(length: int, split: int, subject: int, targets: int) -> Row:
+        return Row([0] * length, split, subject, [(length - 1 - t, 0) for t in range(targets)])
 
-    positions = torch.arange(prefix, prefix + suffix, device="meta")
-    return Batch(
-        ids(rows, prefix),
-        ones(rows, prefix),
-        ids(rows, suffix),
-        ones(rows, suffix),
-        positions.expand(rows, -1).clone(),
-        ids(targets),
-        ids(targets),
-        ids(targets),
-        rows - 1 if with_kl else rows,
-    )
+    if geo.exact:
+        return [row(*shape) for shape in geo.exact]
+    per_row = geo.targets // geo.templates
+    rows = [row(geo.prefix + geo.suffix, geo.prefix, geo.prefix, per_row)] * geo.templates
+    if geo.whole:
+        rows[0] = row(geo.whole, 0, geo.whole - geo.suffix, per_row)
+    return [*rows, row(geo.prefix + 1, geo.prefix, geo.prefix, 0)]
 
 
 _SDPA = F.scaled_dot_product_attention
@@ -469,56 +476,40 @@ def trace_value_step(
 ) -> dict[str, int]:
     """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``.
 
-    Mirrors engine/values.py ``optimise_delta``: the prefix pass into a KV cache, the kept
-    output of the blocks below the edit and the KL reference, then optimisation steps: suffix
-    forward with delta added at the subject's last token, fp32 log-softmax at the target rows
-    and the KL row (one head call), backward into delta, Adam; under ``v_realized_delta:
-    bare`` (``geo.whole``) the bare prompt runs again whole, as a batch of its own (its target
-    rows join the head call). ``v_realized_delta`` ``suffix`` /
-    ``answer`` / ``bare`` add delta at later columns too, through a (rows, suffix, 1) share:
-    left out (6 KB of a 33 MB SmolLM2 edit; tests/test_memcheck.py checks the prediction with
-    them).
+    Runs engine/values.py's own pieces on rows of ``geo``'s shapes: the prefix pass into a
+    KV cache and the packed pass (``PackedPass``), the kept output of the blocks below the edit
+    and the KL reference, then optimisation steps: forward with delta's share added
+    (``DeltaSite``; under ``v_realized_delta: bare``, ``geo.whole``, the bare prompt packed in
+    whole), fp32 log-softmax at the target slots and the KL slot (one head call, ``Readout``),
+    backward into delta, Adam.
     """
-    mlp = model.get_submodule(names.mlp(layer))
+    mlp, rewrite = model.get_submodule(names.mlp(layer)), model.get_submodule(names.rewrite(layer))
     head = model.get_output_embeddings()
     d_out, vocab = head.weight.shape[1], head.weight.shape[0]
     dtype = head.weight.dtype
     with live_tensor_bytes() as tracker, frozen(model), _fused_attention_on_meta():
         tracker.set_phase("prefix")
-        batch = _meta_batch(geo.rows, geo.prefix, geo.suffix, geo.targets)
-        runner = SuffixRunner(model, batch)
-        below_out = torch.zeros(geo.rows, geo.suffix, d_out, dtype=dtype, device="meta")  # noqa: F841
-        bare_runner = None  # the bare prompt run whole ("bare")
-        if geo.whole:
-            bare = _meta_batch(1, 0, geo.whole, geo.targets // geo.templates, with_kl=False)
-            bare_runner = SuffixRunner(model, bare)
-            whole_below = torch.zeros(1, geo.whole, d_out, dtype=dtype, device="meta")  # noqa: F841
+        rows = _meta_rows(geo)
+        packed = PackedPass(model, rows)
+        below_out = torch.zeros(*packed.shape, d_out, dtype=dtype, device="meta")  # noqa: F841
+        read = torch.ones(weight_as_out_in(rewrite).shape[1]) if geo.whole else None
+        site = delta_site(packed, rows, torch.ones(len(rows)), read, "bare")
+        site.to(torch.device("meta"))
+        readout = Readout.of(packed, rows)
         kl_ref = torch.zeros(1, vocab, device="meta")
         z = torch.ones(d_out, device="meta")
         delta = torch.zeros_like(z, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=0.5)
-        kl_row, kl_col = torch.tensor([geo.rows - 1]), torch.tensor([0])
-
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
 
         # Two steps: from the second on, Adam's state exists and the previous step's hidden
         # states and log-probs stay referenced until the new ones replace them.
         for _ in range(2):
             tracker.set_phase("forward")
-            with edit_output(mlp, add_delta):
-                hidden = runner.hidden()
-                hidden_bare = bare_runner.hidden() if bare_runner is not None else None
+            hidden = site.forward(packed, mlp, rewrite, delta)
             tracker.set_phase("head")
-            picked = [hidden[batch.target_rows, batch.target_cols]]
-            if bare_runner is not None:
-                b = bare_runner.batch
-                picked.append(hidden_bare[b.target_rows, b.target_cols])
-            picked.append(hidden[kl_row, kl_col])  # every row in one head call, as the engine
-            logp = runner.log_probs(torch.cat(picked))
-            nll = -logp[:-1, 0].mean()
-            kl = F.kl_div(kl_ref, logp[-1:], log_target=True, reduction="batchmean")
-            loss = nll + kl + delta.norm() / z.norm() ** 2
+            nll_each, kl_log_probs = readout.read(packed, hidden)
+            kl = F.kl_div(kl_ref, kl_log_probs, log_target=True, reduction="batchmean")
+            loss = nll_each.mean() + kl + delta.norm() / z.norm() ** 2
             tracker.set_phase("backward")
             opt.zero_grad()
             loss.backward()

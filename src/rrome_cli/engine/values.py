@@ -1,5 +1,6 @@
 """The value v*: optimise delta, added to the MLP output at the subject's last token (with
-``v_realized_delta: suffix``, at every later position too, scaled as the update will add it).
+``v_realized_delta`` ``suffix`` / ``answer`` / ``bare``, at other positions too, scaled as the
+update will add it there).
 
 Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing;
          with v_bare_weight w: w * the bare prompt's + (1 - w) * that mean)
@@ -9,11 +10,11 @@ Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each ste
 
 Nothing below layer l, nor at positions before the subject's last token, depends on delta. So
 each prompt is split at its subject's last token: the prefix runs once per edit into a KV cache,
-and each optimisation step runs only the short suffix (subject token, rest of prompt, target).
-The decoder blocks below layer l see no delta either: their output at the suffix is computed on
-the first pass and the later passes start above them. Logits are computed only where the loss
-reads them, in fp32. The templated prompts share one suffix (the prompt after the subject); a
-request's other phrasings do not, so they run as a second batch rather than pad the first.
+and each optimisation step runs only the rest (subject token, rest of prompt, target).
+The decoder blocks below layer l see no delta either: their output is computed on the first
+pass and the later passes start above them. Every row (templated prompts, phrasings, the KL
+prompt, the bare prompt run whole under ``bare``) goes through the model in one packed call
+(``PackedPass``), and logits are computed only where the loss reads them, in fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
@@ -32,7 +34,6 @@ from rrome_cli.engine.hooks import blocks_replaced, capture_input, edit_output
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
     encode_pair,
-    pad_id,
     special_prefix,
     subject_last_token,
     tokenise,
@@ -67,73 +68,49 @@ class ValueResult:
 
 
 @dataclass
-class Batch:
-    """Prompts split at the subject's last token; the suffix starts at column ``width_prefix``."""
+class Row:
+    """One prompt as the value step feeds it: its first ``split`` tokens run once into the KV
+    cache (delta cannot reach them), the rest at every step."""
 
-    prefix_ids: torch.Tensor  # (B, P) right-padded
-    prefix_mask: torch.Tensor  # (B, P)
-    suffix_ids: torch.Tensor  # (B, S) right-padded; column 0 is the subject's last token
-    suffix_mask: torch.Tensor  # (B, S)
-    suffix_pos: torch.Tensor  # (B, S) true positions of the suffix tokens
-    target_rows: torch.Tensor  # (T,) row of each target token to predict
-    target_cols: torch.Tensor  # (T,) suffix column whose logits predict it
-    target_ids: torch.Tensor  # (T,)
-    n_rewrite: int  # rows 0..n_rewrite-1 are rewriting prompts; a last row is the KL prompt
+    ids: list[int]  # the prompt's tokens, then the target's but its last (teacher forcing)
+    split: int
+    subject: int  # index in ids of the subject's last token: where delta is added
+    targets: list[tuple[int, int]]  # (index whose output predicts the token, its token id)
 
 
-def build_batch(
-    tok: PreTrainedTokenizerBase,
-    prompts: list[Templated],
-    target: str,
-    subject: str,
-    device: torch.device,
-    with_kl: bool = True,
-    whole: bool = False,
-) -> Batch:
-    """``whole``: no prefix; every prompt runs from its first token in the suffix pass (column
-    0 is then not the subject's token: only a ``read`` share adds delta to such a batch)."""
-    rows: list[tuple[list[int], int]] = []  # (token ids fed to the model, where the suffix starts)
-    targets: list[tuple[int, int, int]] = []  # (row, index of the token, token id)
-    prefix = special_prefix(tok)
-    for r, p in enumerate(prompts):
-        # the same tokens evaluation scores: prompt + " " + target, read as a continuation
-        full = encode_pair(tok, p.text, target, prefix)
-        s = 0 if whole else full.subject_last(p.subject_end)
-        answer = range(full.answer_start, len(full.input_ids))
-        rows.append((full.input_ids[:-1], s))  # teacher forcing: the last target token is not fed
-        targets += [(r, j, full.input_ids[j]) for j in answer]
-    if with_kl:
-        kl = kl_prompt(tok, subject)
-        rows.append((kl.tokens.ids, kl.subject_last))
-    width_p = max(s for _, s in rows)
-    width_s = max(len(ids) - s for ids, s in rows)
-    pad = pad_id(tok)
-    prefix_ids = torch.full((len(rows), width_p), pad, dtype=torch.long)
-    prefix_mask = torch.zeros_like(prefix_ids)
-    suffix_ids = torch.full((len(rows), width_s), pad, dtype=torch.long)
-    suffix_mask = torch.zeros_like(suffix_ids)
-    suffix_pos = torch.zeros_like(suffix_ids)
-    for r, (ids, s) in enumerate(rows):
-        prefix_ids[r, :s] = torch.tensor(ids[:s], dtype=torch.long)
-        prefix_mask[r, :s] = 1
-        suffix_ids[r, : len(ids) - s] = torch.tensor(ids[s:], dtype=torch.long)
-        suffix_mask[r, : len(ids) - s] = 1
-        suffix_pos[r] = torch.arange(s, s + width_s)
-    t_rows = torch.tensor([r for r, _, _ in targets])
-    t_cols = torch.tensor([j - 1 - rows[r][1] for r, j, _ in targets])
-    t_ids = torch.tensor([t for _, _, t in targets])
-    to = {"device": device}
-    return Batch(
-        prefix_ids.to(**to),
-        prefix_mask.to(**to),
-        suffix_ids.to(**to),
-        suffix_mask.to(**to),
-        suffix_pos.to(**to),
-        t_rows.to(**to),
-        t_cols.to(**to),
-        t_ids.to(**to),
-        len(prompts),
-    )
+def prompt_row(
+    tok: PreTrainedTokenizerBase, prompt: Templated, target: str, whole: bool = False
+) -> Row:
+    """``prompt`` + " " + ``target``, the same tokens evaluation scores; ``whole``: nothing
+    cached, every position runs at each step."""
+    full = encode_pair(tok, prompt.text, target, special_prefix(tok))
+    subject = full.subject_last(prompt.subject_end)
+    ids = full.input_ids
+    targets = [(j - 1, ids[j]) for j in range(full.answer_start, len(ids))]
+    return Row(ids[:-1], 0 if whole else subject, subject, targets)
+
+
+def kl_row(tok: PreTrainedTokenizerBase, subject: str) -> Row:
+    """The KL prompt "{subject} is a" up to the subject's last token: the KL term reads the
+    next-token distribution there, which the later tokens cannot change."""
+    kl = kl_prompt(tok, subject)
+    return Row(kl.tokens.ids[: kl.subject_last + 1], kl.subject_last, kl.subject_last, [])
+
+
+def pack(lengths: list[int]) -> list[list[int]]:
+    """Rows (by index) into lines as wide as the longest row: first fit, longest first. Rows
+    of one length (the templated prompts share the prompt's suffix) get a line each."""
+    width = max(lengths)
+    lines: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        q = next((q for q, free in enumerate(room) if free >= lengths[i]), len(lines))
+        if q == len(lines):
+            lines.append([])
+            room.append(width)
+        lines[q].append(i)
+        room[q] -= lengths[i]
+    return lines
 
 
 @contextmanager
@@ -149,44 +126,95 @@ def frozen(model: PreTrainedModel) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class SuffixRunner:
-    """Runs the suffix of every prompt on top of a once-computed prefix KV cache.
+class PackedPass:
+    """Runs the uncached tokens of every row in one forward on top of a once-computed KV cache.
+
+    At a few dozen tokens a block's matmul is bound by reading its weight, so a second call
+    costs nearly what the first did (the whole bare prompt in a batch of its own: 1.4x a step).
+    So the rows are packed side by side into lines (``pack``), each line's prefixes laid end to
+    end in its cache, and a block-causal mask keeps each row to its own prefix and tokens. Slots
+    of the flattened (lines * width) output are addressed by ``slot(row, index in row.ids)``.
 
     ``blocks_below``: names of the decoder blocks under the edited layer, in order. delta does
-    not reach them, so their output at the suffix is computed on the first pass and reused.
+    not reach them, so their output is computed on the first pass and reused.
     """
 
     def __init__(
-        self, model: PreTrainedModel, batch: Batch, blocks_below: list[str] | None = None
+        self, model: PreTrainedModel, rows: list[Row], blocks_below: list[str] | None = None
     ) -> None:
-        self.model, self.batch = model, batch
-        self.blocks_below = blocks_below or []
-        self.below_out: torch.Tensor | None = None  # (B, S, d) once the first pass ran
+        self.model, self.blocks_below = model, blocks_below or []
+        self.below_out: torch.Tensor | None = None  # (lines, width, d) once the first pass ran
         self.base = model.base_model
         self.head = model.get_output_embeddings()
-        self.cache = DynamicCache()  # plain layers: our prompts are far shorter than any window
-        if batch.prefix_ids.shape[1] > 0:
-            # A row whose prefix is empty would be fully masked (NaN attention); let it see its
-            # first slot here only. The suffix pass masks that slot, so nothing reads it.
-            mask = batch.prefix_mask.clone()
-            mask[mask.sum(1) == 0, 0] = 1
-            with torch.no_grad():
-                self.base(
-                    input_ids=batch.prefix_ids,
-                    attention_mask=mask,
-                    cache=self.cache,
-                    use_cache=True,
-                )
-        # The prefix keys and values of every layer, put back after each suffix pass.
-        self.prefix_kv = [(layer.keys, layer.values) for layer in self.cache.layers]
-        self.prefix_len = batch.prefix_ids.shape[1]
-        self.mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        lengths = [len(r.ids) - r.split for r in rows]
+        lines, width = pack(lengths), max(lengths)
+        cached = max(sum(rows[i].split for i in line) for line in lines)  # cache slots a line
+        self.shape = (len(lines), width)
+        ids = torch.zeros(len(lines), width, dtype=torch.long)  # padding: any id, never seen
+        positions = torch.zeros_like(ids)
+        seen = torch.zeros(len(lines), width, cached + width, dtype=torch.bool)
+        gather = torch.zeros(len(lines), cached, dtype=torch.long)  # into the prefix pass's slots
+        self.start = [0] * len(rows)
+        prefix_width = max(r.split for r in rows)
+        for q, line in enumerate(lines):
+            col = at = 0  # next free column; next free cache slot
+            for i in line:
+                r, n = rows[i], lengths[i]
+                ids[q, col : col + n] = torch.tensor(r.ids[r.split :])
+                positions[q, col : col + n] = torch.arange(r.split, len(r.ids))
+                seen[q, col : col + n, at : at + r.split] = True
+                seen[q, col : col + n, cached + col : cached + col + n] = torch.ones(n, n).tril()
+                gather[q, at : at + r.split] = i * prefix_width + torch.arange(r.split)
+                self.start[i] = q * width + col - r.split
+                col, at = col + n, at + r.split
+            idle = torch.arange(col, width)
+            seen[q, idle, cached + idle] = True  # padding sees itself: no row of NaNs
+        device, dtype = input_device(model), model.dtype
+        self.ids, self.positions = ids.to(device), positions.to(device)
+        blocked = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+        self.mask = blocked[:, None].to(device)  # (lines, 1, width, cached + width) additive
+        self.cache = self._prefix_cache(rows, prefix_width, gather) if cached else None
+        # The prefix keys and values of every layer, put back after each pass.
+        self.prefix_kv = [(x.keys, x.values) for x in self.cache.layers] if self.cache else []
+
+    def slot(self, row: int, index: int) -> int:
+        """Flat slot of the output at ``index`` of ``rows[row].ids`` (index >= its split)."""
+        return self.start[row] + index
+
+    def _prefix_cache(self, rows: list[Row], width: int, gather: torch.Tensor) -> DynamicCache:
+        """Every row's prefix in one padded batch, then each line's rows' slots end to end."""
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : r.split] = torch.tensor(r.ids[: r.split], dtype=torch.long)
+            mask[i, : r.split] = 1
+        # A row whose prefix is empty would be fully masked (NaN attention); let it see its
+        # first slot here only. No line gathers that slot.
+        mask[mask.sum(1) == 0, 0] = 1
+        device = input_device(self.model)
+        batch = DynamicCache()  # plain layers: our prompts are far shorter than any window
+        with torch.no_grad():
+            self.base(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                cache=batch,
+                use_cache=True,
+            )
+        cache = DynamicCache()
+        for i, layer in enumerate(batch.layers):
+            # (rows, heads, width, hd) -> (heads, rows * width, hd) -> (lines, heads, slots, hd)
+            keys, values = (
+                t.transpose(0, 1).flatten(1, 2)[:, gather.to(t.device)].transpose(0, 1)
+                for t in (layer.keys, layer.values)
+            )
+            cache.update(keys.contiguous(), values.contiguous(), i)
+        return cache
 
     def hidden(self) -> torch.Tensor:
-        """Final hidden states of the suffix tokens: (B, S, d)."""
+        """Final hidden states of every slot: (lines * width, d)."""
         with self._blocks_below():
-            return self._suffix_pass()
+            return self._pass().flatten(0, 1)
 
     @contextmanager
     def _blocks_below(self) -> Iterator[None]:
@@ -204,28 +232,24 @@ class SuffixRunner:
         self.below_out = out.detach()
         return out
 
-    def _suffix_pass(self) -> torch.Tensor:
-        b = self.batch
-        if self.prefix_len == 0:
-            # Nothing cached to reuse (every subject is its prompt's first token). Running with
-            # self.cache would leave this pass's keys in it: prefix_kv is empty, so nothing
-            # would drop them, and the next pass would attend to them.
+    def _pass(self) -> torch.Tensor:
+        if self.cache is None:  # nothing cached (every subject is its prompt's first token)
             out = self.base(
-                input_ids=b.suffix_ids,
+                input_ids=self.ids,
                 attention_mask=self.mask,
-                position_ids=b.suffix_pos,
+                position_ids=self.positions,
                 use_cache=False,
             )
             return out.last_hidden_state
         out = self.base(
-            input_ids=b.suffix_ids,
+            input_ids=self.ids,
             attention_mask=self.mask,
-            position_ids=b.suffix_pos,
+            position_ids=self.positions,
             cache=self.cache,
             use_cache=True,
         )
         for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv, strict=True):
-            layer.keys, layer.values = keys, values  # drop the suffix; reuse the prefix
+            layer.keys, layer.values = keys, values  # drop this pass's; reuse the prefix
         return out.last_hidden_state
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
@@ -234,18 +258,6 @@ class SuffixRunner:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.log_softmax(logits, dim=-1)
-
-
-def _nll_per_prompt(logp_targets: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean NLL of the target tokens of each rewriting prompt: (n_rewrite,)."""
-    rows = batch.target_rows.to(logp_targets.device)
-    total = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(
-        0, rows, -logp_targets
-    )
-    count = torch.zeros(batch.n_rewrite, device=logp_targets.device).index_add(
-        0, rows, torch.ones_like(logp_targets)
-    )
-    return total / count
 
 
 def optimise_delta(
@@ -263,64 +275,46 @@ def optimise_delta(
 ) -> ValueResult:
     """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}").
 
-    ``phrasings``: other phrasings of the relation, optimised alongside in a batch of their own
-    (their suffixes differ in length from the templates', which all share the prompt's).
+    ``phrasings``: other phrasings of the relation, optimised alongside the prompts.
     ``row_scale`` (n_prompts + n_phrasings + 1,): delta reaches row i as ``row_scale[i] *
     delta`` (prompts, phrasings, then the KL prompt). None adds the same delta everywhere, as
     ROME does; the engine passes (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is
     what the rank-one update will really add at each prompt's subject token.
-    ``read`` (d_in,), u / (u . k_ref): delta reaches every suffix column c of every row as
-    (read . k_c) delta, the rank-one update's own effect there (``v_realized_delta: suffix``),
-    or only the subject's column and the fed answer tokens' (``answer``); ``row_scale`` is then
-    unused. ``bare``: the bare prompt also runs whole, uncached, with every position's share
-    (its loss and stop test read the edited model itself); the other prompts as under true.
+    ``read`` (d_in,), u / (u . k_ref): delta reaches a position whose key is k as (read . k)
+    delta, the rank-one update's own effect there: at every uncached position of every row
+    (``v_realized_delta: suffix``), at the subject's and the fed answer tokens (``answer``),
+    or at every position of the bare prompt, run whole, uncached (``bare``: its loss and stop
+    test read the edited model itself; the other rows as under true).
     """
     start = time.perf_counter()
     phrasings = phrasings or []
     mlp, rewrite = model.get_submodule(names.mlp(layer)), model.get_submodule(names.rewrite(layer))
     mlp_device = execution_device(rewrite)
-    n_rows = len(prompts) + len(phrasings) + 1
-    scale = torch.ones(n_rows) if row_scale is None else row_scale
-    scale = scale.to(device=mlp_device, dtype=torch.float32)[:, None, None]  # (rows, 1, 1)
-    at_prompts, at_phrasings = len(prompts), len(prompts) + len(phrasings)
-    device, below = input_device(model), [names.layer(i) for i in range(layer)]
+    mode = hp.v_realized_delta
+    rows = [
+        prompt_row(tok, p, target, whole=mode == "bare" and i == 0) for i, p in enumerate(prompts)
+    ]
+    rows += [prompt_row(tok, p, target) for p in phrasings]
+    rows.append(kl_row(tok, subject))  # the last row
+    scale = torch.ones(len(rows)) if row_scale is None else row_scale
 
     with frozen(model):
-        main = build_batch(tok, prompts, target, subject, device)  # the KL prompt last
-        read = None if read is None else read.to(device=mlp_device, dtype=torch.float32)
-
-        def columns(batch: Batch) -> torch.Tensor | None:
-            return _answer_columns(batch) if hp.v_realized_delta == "answer" else None
-
-        # "bare": the cached groups take delta as under true; the bare prompt runs again whole,
-        # so that the update's share reaches its positions before the subject too
-        exact = hp.v_realized_delta == "bare"
-        spread = None if exact else read  # the share of the cached groups' later columns
-        runner = SuffixRunner(model, main, below)
-        first = _Group(main, runner, _rows(scale, at_prompts), spread, columns(main))
-        groups = [first]
-        if exact:
-            bare = build_batch(tok, prompts[:1], target, subject, device, False, whole=True)
-            groups = [_Group(bare, SuffixRunner(model, bare, below), scale[:1], read), first]
-            first.skip_rows = 1  # its cached bare prompt gives way to the whole one
-        if phrasings:
-            batch = build_batch(tok, phrasings, target, subject, device, with_kl=False)
-            runner = SuffixRunner(model, batch, below)
-            rows = scale[at_prompts:at_phrasings]
-            groups.append(_Group(batch, runner, rows, spread, columns(batch)))
+        packed = PackedPass(model, rows, [names.layer(i) for i in range(layer)])
+        site = delta_site(packed, rows, scale, read, mode)
+        site.to(mlp_device)
+        readout = Readout.of(packed, rows)
         d_out = weight_as_out_in(rewrite).shape[0]
         delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(0.9, hp.v_adam_beta2))
         steps, step_times = 0, []
         for _ in range(hp.v_num_grad_steps):
             t_step = time.perf_counter()
-            for group in groups:
-                group.forward(mlp, rewrite, delta)
-            nll_each, kl_log_probs = _read_out(groups, first)
+            hidden = site.forward(packed, mlp, rewrite, delta)
+            nll_each, kl_log_probs = readout.read(packed, hidden)
             if steps == 0:
                 # delta is still 0: this pass is the unedited model, the KL reference and z
                 kl_ref = kl_log_probs.detach()
-                z = first.z  # (d_out,) bare prompt, subject's last token
+                z = site.z  # (d_out,) bare prompt, subject's last token
                 max_norm = hp.clamp_norm_factor * z.norm()
             loss = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, hp)
             if _reached(loss, nll_each, hp):
@@ -346,86 +340,112 @@ def optimise_delta(
     )
 
 
-def _rows(scale: torch.Tensor, n_prompts: int) -> torch.Tensor:
-    """The main batch's row scales: its prompts', then the KL prompt's (the last)."""
-    return torch.cat([scale[:n_prompts], scale[-1:]])
-
-
 @dataclass
-class _Group:
-    """One padded batch of the value's prompts: its runner, and the scale of delta per row."""
+class DeltaSite:
+    """Where delta joins the MLP output at the edited layer, and how much of it, per slot of
+    the packed pass: ``fixed`` (a row's scale at its subject's last token) plus, at the slots
+    in ``reads``, (read . k) with k the rewritten module's input there, taken on the first
+    pass (delta never reaches it)."""
 
-    batch: Batch
-    runner: SuffixRunner
-    scale: torch.Tensor  # (B, 1, 1) fp32 on the MLP's device
-    read: torch.Tensor | None = None  # (d_in,) u / (u . k_ref): each key's share of delta
-    columns: torch.Tensor | None = None  # (B, S, 1) with read: 1 where delta's share goes
-    hidden: torch.Tensor | None = None  # (B, S, d) of the last pass
-    z: torch.Tensor | None = None  # (d_out,) MLP output at row 0's subject on the first pass
-    share: torch.Tensor | None = None  # (B, S, 1) share of delta at every suffix column
-    skip_rows: int = 0  # leading rows whose NLL another group gives
+    fixed: torch.Tensor  # (N,) fp32
+    reads: torch.Tensor  # (N,) bool
+    read: torch.Tensor | None  # (d_in,) u / (u . k_ref)
+    z_slot: int  # the bare prompt's subject's last token
+    share: torch.Tensor | None = None  # (N, 1) fp32 once known
+    z: torch.Tensor | None = None  # (d_out,) the unedited MLP output at z_slot
 
-    def forward(self, mlp: torch.nn.Module, rewrite: torch.nn.Module, delta: torch.Tensor) -> None:
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            # (B, S, d) in the model's dtype; delta (fp32) joins at column 0 of every row, or
-            # with ``read`` at every column, as much as the rank-one update will add there
+    def to(self, device: torch.device) -> None:
+        self.fixed, self.reads = self.fixed.to(device), self.reads.to(device)
+        self.read = None if self.read is None else self.read.to(device, torch.float32)
+
+    def forward(
+        self, packed: PackedPass, mlp: nn.Module, rewrite: nn.Module, delta: torch.Tensor
+    ) -> torch.Tensor:
+        """One pass with ``share * delta`` added: the final hidden states (N, d)."""
+
+        def add_delta(out: torch.Tensor) -> torch.Tensor:  # (lines, width, d), model's dtype
             if self.z is None:  # the first pass runs at delta = 0: the unedited output
-                self.z = out[0, 0].detach().float().to(delta.device)
-            if self.share is not None:
-                return out + (self.share * delta).to(out.dtype)
-            scaled = (self.scale * delta).to(out.dtype)
-            return torch.cat([out[:, :1] + scaled, out[:, 1:]], dim=1)
+                self.z = out.flatten(0, 1)[self.z_slot].detach().float().to(delta.device)
+            if self.share is None:
+                self.share = self.fixed[:, None]
+            return out + (self.share * delta).view(out.shape).to(out.dtype)
 
-        def keep_share(keys: torch.Tensor) -> None:
-            # (B, S, d_in): the rewritten module's input, which delta never reaches, so the
-            # share is taken on the first pass and kept
-            self.share = (keys.detach().float().to(self.read.device) @ self.read)[..., None]
-            if self.columns is not None:
-                self.share = self.share * self.columns.to(self.share.device)
+        def keep_share(keys: torch.Tensor) -> None:  # (lines, width, d_in)
+            k = keys.detach().flatten(0, 1).float().to(self.read.device)
+            self.share = (self.fixed + self.reads * (k @ self.read))[:, None]
 
         with ExitStack() as stack:
             if self.read is not None and self.share is None:
                 stack.enter_context(capture_input(rewrite, keep_share))
             stack.enter_context(edit_output(mlp, add_delta))
-            self.hidden = self.runner.hidden()
-
-    def at_targets(self) -> torch.Tensor:
-        """Final hidden states where the target tokens are predicted: (T, d)."""
-        b, device = self.batch, self.hidden.device
-        return self.hidden[b.target_rows.to(device), b.target_cols.to(device)]
-
-    def at_kl(self) -> torch.Tensor:
-        """Final hidden state after the KL prompt's subject (the batch's last row): (1, d)."""
-        return self.hidden[self.batch.n_rewrite, :1]
-
-    def nll_each(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """Mean NLL of the target per rewriting prompt, given the log-probs (T, vocab) at
-        ``at_targets``: (n_rewrite - skip_rows,)."""
-        b = self.batch
-        logp_target = log_probs.gather(1, b.target_ids.to(log_probs.device)[:, None])[:, 0]
-        return _nll_per_prompt(logp_target, b)[self.skip_rows :]
+            return packed.hidden()
 
 
-def _answer_columns(batch: Batch) -> torch.Tensor:
-    """(B, S, 1): 1 at column 0 (the subject's last token) and at the fed answer tokens."""
-    rows, width = batch.suffix_ids.shape
-    first = torch.full((rows,), width, dtype=torch.long)
-    first.scatter_reduce_(0, batch.target_rows.cpu(), batch.target_cols.cpu() + 1, reduce="amin")
-    cols = torch.arange(width)[None]
-    return ((cols == 0) | (cols >= first[:, None])).float()[..., None]
+def delta_site(
+    packed: PackedPass,
+    rows: list[Row],
+    scale: torch.Tensor,
+    read: torch.Tensor | None,
+    mode: object,
+) -> DeltaSite:
+    """The share of delta per slot for ``v_realized_delta`` ``mode``; ``scale``: per row."""
+    n = packed.shape[0] * packed.shape[1]
+    fixed, reads = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        at = _read_positions(r, i, mode) if read is not None else []
+        if at:
+            reads[[packed.slot(i, j) for j in at]] = True
+        else:
+            fixed[packed.slot(i, r.subject)] = float(scale[i])
+    return DeltaSite(fixed, reads, read, packed.slot(0, rows[0].subject))
 
 
-def _read_out(groups: list[_Group], main: _Group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL of the target per rewriting prompt, the bare prompt first; the log-probs after
-    the KL prompt's subject, (1, vocab), read from ``main``, the templated prompts' group).
+def _read_positions(row: Row, i: int, mode: object) -> list[int]:
+    """Positions of ``row`` (the ``i``-th) whose share of delta is read off their keys."""
+    if mode == "suffix":
+        return list(range(row.split, len(row.ids)))
+    if mode == "answer":  # the subject's last token and the fed answer tokens
+        answer = min((j + 1 for j, _ in row.targets), default=len(row.ids))
+        return [row.subject, *range(answer, len(row.ids))]
+    if mode == "bare" and i == 0:  # the bare prompt, run whole
+        return list(range(len(row.ids)))
+    return []
 
-    Every group's rows go through the head in one call: at a few dozen rows its matmul is bound
-    by reading the (vocab, d) weight, so each further call, forward and backward, costs about
-    as much as all the rows together (SmolLM2: ~20 ms a step for the KL row on its own)."""
-    picked = [g.at_targets() for g in groups] + [main.at_kl()]
-    log_probs = main.runner.log_probs(torch.cat(picked)).split([len(p) for p in picked])
-    nll_each = torch.cat([g.nll_each(lp) for g, lp in zip(groups, log_probs[:-1], strict=True)])
-    return nll_each, log_probs[-1]
+
+@dataclass
+class Readout:
+    """What the loss reads from a pass: the target tokens' slots, and the KL slot (the last)."""
+
+    slots: torch.Tensor  # (T + 1,)
+    target_ids: torch.Tensor  # (T,)
+    owner: torch.Tensor  # (T,) which rewriting row each target token belongs to
+    n_rewrite: int
+
+    @classmethod
+    def of(cls, packed: PackedPass, rows: list[Row]) -> Readout:
+        *rewrite, kl = rows
+        at = [(i, packed.slot(i, j), t) for i, r in enumerate(rewrite) for j, t in r.targets]
+        slots = [s for _, s, _ in at] + [packed.slot(len(rewrite), kl.subject)]
+        return cls(
+            torch.tensor(slots),
+            torch.tensor([t for _, _, t in at]),
+            torch.tensor([i for i, _, _ in at]),
+            len(rewrite),
+        )
+
+    def read(self, packed: PackedPass, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean NLL of the target per rewriting row, the bare prompt first; the log-probs
+        after the KL prompt's subject, (1, vocab)). Every slot goes through the head in one
+        call: its matmul, too, is bound by reading the (vocab, d) weight."""
+        log_probs = packed.log_probs(hidden[self.slots.to(hidden.device)])
+        device = log_probs.device
+        logp = log_probs[:-1].gather(1, self.target_ids.to(device)[:, None])[:, 0]
+        owner = self.owner.to(device)
+        total = torch.zeros(self.n_rewrite, device=device).index_add(0, owner, -logp)
+        count = torch.zeros(self.n_rewrite, device=device).index_add(
+            0, owner, torch.ones_like(logp)
+        )
+        return total / count, log_probs[-1:]
 
 
 def _value_loss(
