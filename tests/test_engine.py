@@ -1127,9 +1127,10 @@ def test_max_phrasings_is_a_count() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_phrasings_in_their_own_batch_optimise_as_one_batch(family: str) -> None:
-    """The phrasings run as a second padded batch; delta and the per-prompt NLL come out as
-    when every prompt shares one batch (same rows, same order, same row scales)."""
+def test_phrasings_optimise_as_the_same_prompts_given_as_templates(family: str) -> None:
+    """Phrasings (longer rows than the templates', packed into lines of their own): delta and
+    the per-prompt NLL come out as when they are passed as templated prompts (same rows, same
+    order, same row scales)."""
     from rrome_cli.engine.values import optimise_delta
 
     model, tok, names = load(family)

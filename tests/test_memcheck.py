@@ -319,8 +319,8 @@ def test_relation_phrasings_add_value_rows(offline) -> None:
 
 
 def test_bare_prompt_run_whole_adds_to_the_value_step(offline) -> None:
-    """v_realized_delta "bare" runs the bare prompt again, whole: a batch of its own in the
-    value step, nothing else."""
+    """v_realized_delta "bare" runs the bare prompt whole, in place of its cached row: a longer
+    row in the value step's packed pass, nothing else."""
     from rrome_cli.memcheck import estimate_geometry
 
     hp = load_hparams(shipped_hparams("llama2-7b"))
