@@ -137,6 +137,43 @@ def frozen(model: PreTrainedModel) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@dataclass
+class _Layout:
+    """Rows packed into lines: what one pass feeds, and where each row's slots are."""
+
+    ids: torch.Tensor  # (lines, width) uncached tokens side by side; padding: any id, unseen
+    positions: torch.Tensor  # (lines, width) each token's position in its own prompt
+    seen: torch.Tensor  # (lines, width, cached + width) bool: which cache slots and tokens
+    gather: torch.Tensor  # (lines, cached) each line's cache slots, in the prefix pass's
+    start: list[int]  # per row: flat slot of its index 0 (its first uncached token at split)
+
+
+def _lay_out(rows: list[Row]) -> _Layout:
+    lengths = [len(r.ids) - r.split for r in rows]
+    lines = pack(lengths)
+    width, prefix_width = _width(lines, lengths), max(r.split for r in rows)
+    cached = max(sum(rows[i].split for i in line) for line in lines)  # cache slots a line
+    ids = torch.zeros(len(lines), width, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    seen = torch.zeros(len(lines), width, cached + width, dtype=torch.bool)
+    gather = torch.zeros(len(lines), cached, dtype=torch.long)
+    start = [0] * len(rows)
+    for q, line in enumerate(lines):
+        col = at = 0  # next free column; next free cache slot
+        for i in line:
+            r, n = rows[i], lengths[i]
+            ids[q, col : col + n] = torch.tensor(r.ids[r.split :])
+            positions[q, col : col + n] = torch.arange(r.split, len(r.ids))
+            seen[q, col : col + n, at : at + r.split] = True
+            seen[q, col : col + n, cached + col : cached + col + n] = torch.ones(n, n).tril()
+            gather[q, at : at + r.split] = i * prefix_width + torch.arange(r.split)
+            start[i] = q * width + col - r.split
+            col, at = col + n, at + r.split
+        idle = torch.arange(col, width)
+        seen[q, idle, cached + idle] = True  # padding sees itself: no row of NaNs
+    return _Layout(ids, positions, seen, gather, start)
+
+
 class PackedPass:
     """Runs the uncached tokens of every row in one forward on top of a once-computed KV cache.
 
@@ -159,35 +196,15 @@ class PackedPass:
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        lengths = [len(r.ids) - r.split for r in rows]
-        lines = pack(lengths)
-        width = _width(lines, lengths)
-        cached = max(sum(rows[i].split for i in line) for line in lines)  # cache slots a line
-        self.shape = (len(lines), width)
-        ids = torch.zeros(len(lines), width, dtype=torch.long)  # padding: any id, never seen
-        positions = torch.zeros_like(ids)
-        seen = torch.zeros(len(lines), width, cached + width, dtype=torch.bool)
-        gather = torch.zeros(len(lines), cached, dtype=torch.long)  # into the prefix pass's slots
-        self.start = [0] * len(rows)
-        prefix_width = max(r.split for r in rows)
-        for q, line in enumerate(lines):
-            col = at = 0  # next free column; next free cache slot
-            for i in line:
-                r, n = rows[i], lengths[i]
-                ids[q, col : col + n] = torch.tensor(r.ids[r.split :])
-                positions[q, col : col + n] = torch.arange(r.split, len(r.ids))
-                seen[q, col : col + n, at : at + r.split] = True
-                seen[q, col : col + n, cached + col : cached + col + n] = torch.ones(n, n).tril()
-                gather[q, at : at + r.split] = i * prefix_width + torch.arange(r.split)
-                self.start[i] = q * width + col - r.split
-                col, at = col + n, at + r.split
-            idle = torch.arange(col, width)
-            seen[q, idle, cached + idle] = True  # padding sees itself: no row of NaNs
+        layout = _lay_out(rows)
+        self.shape, self.start = layout.ids.shape, layout.start
         device, dtype = input_device(model), model.dtype
-        self.ids, self.positions = ids.to(device), positions.to(device)
+        self.ids, self.positions = layout.ids.to(device), layout.positions.to(device)
+        seen = layout.seen
         blocked = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
         self.mask = blocked[:, None].to(device)  # (lines, 1, width, cached + width) additive
-        self.cache = self._prefix_cache(rows, prefix_width, gather) if cached else None
+        cached = layout.gather.shape[1] > 0
+        self.cache = self._prefix_cache(rows, layout.gather) if cached else None
         # The prefix keys and values of every layer, put back after each pass.
         self.prefix_kv = [(x.keys, x.values) for x in self.cache.layers] if self.cache else []
 
@@ -195,9 +212,9 @@ class PackedPass:
         """Flat slot of the output at ``index`` of ``rows[row].ids`` (index >= its split)."""
         return self.start[row] + index
 
-    def _prefix_cache(self, rows: list[Row], width: int, gather: torch.Tensor) -> DynamicCache:
+    def _prefix_cache(self, rows: list[Row], gather: torch.Tensor) -> DynamicCache:
         """Every row's prefix in one padded batch, then each line's rows' slots end to end."""
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        ids = torch.zeros(len(rows), max(r.split for r in rows), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, : r.split] = torch.tensor(r.ids[: r.split], dtype=torch.long)
