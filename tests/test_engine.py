@@ -636,9 +636,15 @@ def add_at_subjects(packed: PackedPass, rows: list[Row], delta: torch.Tensor) ->
 
 
 def check_packed_pass(
-    family: str, request: EditRequest, templates: list[str], passes: int, whole: bool = False
+    family: str,
+    request: EditRequest,
+    templates: list[str],
+    passes: int,
+    whole: bool = False,
+    attention: str = "sdpa",
 ) -> None:
     model, tok, names = load(family)
+    model.set_attn_implementation(attention)
     rows = value_rows(tok, request, templates, whole)
     full, subject_at, targets = expected_rows(tok, request, templates)
     delta = random_delta(model.config.hidden_size, seed=4)
@@ -688,6 +694,12 @@ def test_packed_pass_with_a_whole_row_sharing_lines(family: str) -> None:
     """The bare prompt run whole (``bare``) is the widest row: the others pack beside each
     other in its width, each seeing only its own prefix and tokens."""
     check_packed_pass(family, REQUEST, TEMPLATES, passes=2, whole=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_pass_under_eager_attention(family: str) -> None:
+    """Eager attention adds the mask to the scores: the packed mask is additive, not bool."""
+    check_packed_pass(family, REQUEST, TEMPLATES, passes=1, whole=True, attention="eager")
 
 
 def test_packed_pass_with_subject_first_in_the_prompt(family: str) -> None:
