@@ -145,6 +145,7 @@ class _Layout:
     positions: torch.Tensor  # (lines, width) each token's position in its own prompt
     seen: torch.Tensor  # (lines, width, cached + width) bool: which cache slots and tokens
     gather: torch.Tensor  # (lines, cached) each line's cache slots, in the prefix pass's
+    prefix_width: int  # the prefix pass's width: the longest prefix
     start: list[int]  # per row: flat slot of its index 0 (its first uncached token at split)
 
 
@@ -171,7 +172,7 @@ def _lay_out(rows: list[Row]) -> _Layout:
             col, at = col + n, at + r.split
         idle = torch.arange(col, width)
         seen[q, idle, cached + idle] = True  # padding sees itself: no row of NaNs
-    return _Layout(ids, positions, seen, gather, start)
+    return _Layout(ids, positions, seen, gather, prefix_width, start)
 
 
 class PackedPass:
@@ -204,7 +205,7 @@ class PackedPass:
         blocked = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
         self.mask = blocked[:, None].to(device)  # (lines, 1, width, cached + width) additive
         cached = layout.gather.shape[1] > 0
-        self.cache = self._prefix_cache(rows, layout.gather) if cached else None
+        self.cache = self._prefix_cache(rows, layout) if cached else None
         # The prefix keys and values of every layer, put back after each pass.
         self.prefix_kv = [(x.keys, x.values) for x in self.cache.layers] if self.cache else []
 
@@ -212,9 +213,10 @@ class PackedPass:
         """Flat slot of the output at ``index`` of ``rows[row].ids`` (index >= its split)."""
         return self.start[row] + index
 
-    def _prefix_cache(self, rows: list[Row], gather: torch.Tensor) -> DynamicCache:
+    def _prefix_cache(self, rows: list[Row], layout: _Layout) -> DynamicCache:
         """Every row's prefix in one padded batch, then each line's rows' slots end to end."""
-        ids = torch.zeros(len(rows), max(r.split for r in rows), dtype=torch.long)
+        gather = layout.gather  # indexes the (rows * prefix_width) slots of this batch
+        ids = torch.zeros(len(rows), layout.prefix_width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, : r.split] = torch.tensor(r.ids[: r.split], dtype=torch.long)
