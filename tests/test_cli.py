@@ -227,6 +227,45 @@ def test_resume_after_crash_matches_uninterrupted_run(
         assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
 
 
+def test_interrupt_between_patch_and_report_line_keeps_them_in_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) after the third edit's patch is saved but before its report line:
+    patches.safetensors holds the two reported edits only, and a resume makes the third again
+    and ends where the uninterrupted run does."""
+    from rich.console import Console
+
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    console = Console(stderr=True, quiet=True)
+
+    def options(out: Path) -> RunOptions:
+        return RunOptions(requests=str(SAMPLE), limit=4, out=out)
+
+    full_dir, _ = run_edits(load_model("tiny-llama"), hp, options(tmp_path / "full"), console)
+    append = run_module._append
+
+    def interrupted_third(report, record, stdout) -> None:  # noqa: ANN001
+        if record["index"] == 2:
+            assert (tmp_path / "cut" / run_module.PATCH_JOURNAL / "0000002.safetensors").exists()
+            raise KeyboardInterrupt
+        append(report, record, stdout)
+
+    monkeypatch.setattr(run_module, "_append", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console)
+    monkeypatch.setattr(run_module, "_append", append)
+    cut_dir = tmp_path / "cut"
+    lines = (cut_dir / "report.jsonl").read_text().splitlines()
+    reported = [str(json.loads(x)["case_id"]) for x in lines]
+    assert [p.request for p in load_patches(cut_dir / "patches.safetensors")] == reported
+    assert len(reported) == 2 and not (cut_dir / run_module.PATCH_JOURNAL).exists()
+    run_edits(load_model("tiny-llama"), hp, options(cut_dir), console, resume=cut_dir)
+    cut, full = (load_patches(d / "patches.safetensors") for d in (cut_dir, full_dir))
+    assert [p.request for p in cut] == [p.request for p in full] and len(cut) == 4
+    for a, b in zip(cut, full, strict=True):
+        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_its_patches(tmp_path: Path) -> None:
     """A scheduler's SIGTERM: exit 143 and the edits made so far folded into
     patches.safetensors, one per applied record of the report, no journal left."""

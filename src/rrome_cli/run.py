@@ -361,7 +361,8 @@ def run_edits(
                 progress.advance(task)
                 if after_record:
                     after_record(record)
-    finally:  # also on Ctrl-C: patches.safetensors then holds every edit made
+    finally:  # also on Ctrl-C: patches.safetensors then holds every edit the report holds
+        keep_reported_patches(state, report_path)
         save_run_patches(state)
     shown = ("model", "dtype", "devices", "variant", "covariance", "protocol", "templates")
     summary = summarise(records) | {"provenance": {k: prov[k] for k in shown}}
@@ -428,6 +429,14 @@ def save_run_patches(state: RunState) -> None:
     """Every patch of the run in ``patches.safetensors`` (atomically); the journal goes."""
     save_patches(state.out / "patches.safetensors", state.patches, with_keys=_with_keys(state))
     shutil.rmtree(state.out / PATCH_JOURNAL, ignore_errors=True)
+
+
+def keep_reported_patches(state: RunState, report: Path) -> None:
+    """Drop the patches of an edit whose report line was never written: an interruption
+    between the two leaves one edit more in memory than the report holds (a resume makes
+    it again). The report on disk is the record of what was done."""
+    applied = sum(r.get("status") == "applied" for r in done_records(report))
+    del state.patches[applied * len(state.hp.layers) :]
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
