@@ -317,6 +317,16 @@ def sections(
     return todo
 
 
+def cpu_model() -> str:
+    """The CPU's name (``platform.processor()`` is empty on Linux): step times move with it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-=" else "_" for c in name)
 
@@ -399,7 +409,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "processor": cpu_model(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
         },
