@@ -435,8 +435,12 @@ def keep_reported_patches(state: RunState, report: Path) -> None:
     """Drop the patches of an edit whose report line was never written: an interruption
     between the two leaves one edit more in memory than the report holds (a resume makes
     it again). The report on disk is the record of what was done."""
-    applied = sum(r.get("status") == "applied" for r in done_records(report))
-    del state.patches[applied * len(state.hp.layers) :]
+    del state.patches[_reported_patches(state, done_records(report)) :]
+
+
+def _reported_patches(state: RunState, records: list[dict[str, Any]]) -> int:
+    """How many patches the applied ``records`` made: one per edited layer each."""
+    return sum(r.get("status") == "applied" for r in records) * len(state.hp.layers)
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
@@ -450,7 +454,7 @@ def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
     path = state.out / "patches.safetensors"
     applied = [r["index"] for r in previous if r.get("status") == "applied"]
     per_edit = len(state.hp.layers)
-    patches = (load_patches(path) if path.exists() else [])[: len(applied) * per_edit]
+    patches = (load_patches(path) if path.exists() else [])[: _reported_patches(state, previous)]
     journal = state.out / PATCH_JOURNAL
     for index in applied[len(patches) // per_edit :]:
         shard = journal / f"{index:07d}.safetensors"
