@@ -1,13 +1,13 @@
 """The edits that hit the step cap: where their steps go, and two cuts measured on them.
 
-    python bench/long_edits.py trajectory runs/bench/full/r-rome___C___zsre \
-        runs/bench/full/requests/zsre_mend_train-1k-0-200.jsonl [--out traj.json]
+    python bench/long_edits.py trajectory runs/bench/full/r-rome___C___zsre [--out traj.json]
     python bench/long_edits.py tangent -- edit REQUESTS --templates T --out RUN
 
-``trajectory`` reruns every edit of a run that stopped at ``v_num_grad_steps`` (same hparams,
-templates and statistics) and records the bare prompt's target probability at each step, then
-asks of each plateau rule ("less than 0.01 gained over the last k steps, from step 12") how many
-steps it would save and how far from the 40-step value it would stop.
+``trajectory`` reruns every edit of an independent run that stopped at ``v_num_grad_steps``
+(same model, hparams, statistics, templates and requests), records the bare prompt's target
+probability at each step, then asks of each plateau rule ("less than 0.01 gained over the last
+k steps, from step 12") how many steps it would save and how far from the 40-step value it
+would stop.
 
 ``tangent`` runs ``rrome`` (arguments after ``--``) with the outward radial part of delta's
 gradient removed whenever delta sits on the clamp's sphere, so that Adam's steps turn delta
@@ -28,25 +28,22 @@ from rrome_cli.engine import values
 PLATEAU_GAIN, PLATEAU_FROM = 0.01, 12
 
 
-def capped_indices(run: Path, cap: int) -> list[int]:
-    records = [json.loads(line) for line in (run / "report.jsonl").read_text().splitlines()]
-    return [r["index"] for r in records if r.get("guard", {}).get("steps") == cap]
-
-
-def bare_trajectories(run: Path, requests: Path) -> list[dict]:
-    """Per capped edit of ``run``: the bare prompt's target probability at each step."""
-    from bench import edit_inputs  # bench/ is this script's directory, first on sys.path
-    from rrome_cli.config import load_hparams, shipped_hparams
+def bare_trajectories(run: Path) -> list[dict]:
+    """Per capped edit of ``run``: the bare prompt's target probability at each step, the edit
+    rerun with the run's own model, hparams, statistics, templates and requests."""
     from rrome_cli.engine.edit import edit
+    from rrome_cli.engine.templates import load_templates
     from rrome_cli.models.loading import load_model
     from rrome_cli.requests import read_requests
+    from rrome_cli.run import load_run, prepare_covariances
 
-    loaded = load_model("smollm2-135m")
-    hp = load_hparams(shipped_hparams("smollm2-135m"))
-    covariances, _ = edit_inputs(loaded, hp)
-    templates = json.loads((run / "templates.json").read_text())
-    templates = templates["templates"] if isinstance(templates, dict) else templates
-    reqs = list(read_requests(requests, skip_invalid=True, warn=lambda _: None))
+    prov, hp, opts = load_run(run)
+    loaded = load_model(prov["model"])
+    covariances, _ = prepare_covariances(loaded, hp, opts)
+    templates = load_templates(run / "templates.json")
+    reqs = list(read_requests(Path(opts.requests), skip_invalid=True, warn=lambda _: None))
+    records = [json.loads(line) for line in (run / "report.jsonl").read_text().splitlines()]
+    capped = [r["index"] for r in records if r.get("guard", {}).get("steps") == hp.v_num_grad_steps]
     bare: list[float] = []
     reached = values._reached
 
@@ -56,7 +53,7 @@ def bare_trajectories(run: Path, requests: Path) -> list[dict]:
 
     values._reached = spy
     out = []
-    for i in capped_indices(run, hp.v_num_grad_steps):
+    for i in capped:
         bare.clear()
         result = edit(loaded.model, loaded.tok, reqs[i], hp, loaded.names, covariances, templates)
         result.revert(loaded.model)
@@ -117,13 +114,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     traj = sub.add_parser("trajectory")
     traj.add_argument("run", type=Path)
-    traj.add_argument("requests", type=Path)
     traj.add_argument("--out", type=Path)
     tangent = sub.add_parser("tangent")
     tangent.add_argument("rrome_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.command == "trajectory":
-        trajectories = bare_trajectories(args.run, args.requests)
+        trajectories = bare_trajectories(args.run)
         if args.out:
             args.out.write_text(json.dumps(trajectories))
         plateau_table(trajectories)
