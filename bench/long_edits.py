@@ -53,13 +53,17 @@ def bare_trajectories(run: Path) -> list[dict]:
 
     values._reached = spy
     out = []
-    for i in capped:
-        bare.clear()
-        result = edit(loaded.model, loaded.tok, reqs[i], hp, loaded.names, covariances, templates)
-        result.revert(loaded.model)
-        out.append({"index": i, "bare": list(bare)})
-        print(i, " ".join(f"{p:.2f}" for p in bare[::4]), flush=True)
-    values._reached = reached
+    try:
+        for i in capped:
+            bare.clear()
+            edited = edit(
+                loaded.model, loaded.tok, reqs[i], hp, loaded.names, covariances, templates
+            )
+            edited.revert(loaded.model)
+            out.append({"index": i, "bare": list(bare)})
+            print(i, " ".join(f"{p:.2f}" for p in bare[::4]), flush=True)
+    finally:
+        values._reached = reached
     return out
 
 
