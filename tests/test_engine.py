@@ -7,6 +7,7 @@ the engine function under test a second time.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from rrome_cli.config import HParams, HParamsError
 from rrome_cli.engine import edit as edit_module
 from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
-from rrome_cli.engine.hooks import edit_output
+from rrome_cli.engine.hooks import edit_output, shared_kv_heads
 from rrome_cli.engine.keys import keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
@@ -1208,3 +1209,55 @@ def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
     # the templates' targets (the bare prompt's once, whole), the phrasings', the KL row
     assert calls == [targets(prompts) + targets(phrasings) + 1] * 3
     assert len(passes) == 1 + 3  # the prefix pass, then one call of the model a pass
+
+
+def _optimise(family: str) -> tuple[torch.Tensor, list[bool]]:
+    """delta after 3 steps on ``family``'s tiny model, and SDPA's ``enable_gqa`` per call."""
+    model, tok, names = load(family)
+    prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
+    hp = hparams(v_num_grad_steps=3, v_stop="every", v_stop_prob=1.0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        gqa.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        result = values_module.optimise_delta(
+            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp
+        )
+    return result.delta, gqa
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_value_passes_read_shared_kv_heads_in_place(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the grouped-query models' value passes call SDPA with ``enable_gqa`` rather
+    than a copy of each key/value head per query head, for the same delta; the switch is put
+    back after each pass, and a switch the user set is left alone."""
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    in_place, gqa = _optimise(family)
+    assert gqa and all(gqa)
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    copied, gqa = _optimise(family)
+    assert gqa and not any(gqa)
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+    assert in_place.norm() > 0
+    torch.testing.assert_close(in_place, copied, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_kv_heads_only_when_every_weight_is_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A masked ``enable_gqa`` call falls back to SDPA's slowest kernel on CUDA."""
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    split = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
+    with shared_kv_heads(split):
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    with shared_kv_heads(split[0]):
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ

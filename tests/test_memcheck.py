@@ -253,6 +253,19 @@ def test_value_step_costs_scale_with_the_batch() -> None:
     assert b["backward"].above == pytest.approx(4 * a["backward"].above, rel=0.05)
 
 
+def test_value_step_costs_without_copied_kv_heads() -> None:
+    """On CPU (``shared_kv_heads``) a grouped-query layer keeps no copy of its key/value heads
+    per query head through backward; on CUDA transformers makes them."""
+    config = tiny_model("llama")[0].config  # 4 query heads share 2 key/value heads
+    names = module_names("LlamaForCausalLM")
+    geo = memcheck.Geometry(rows=3, prefix=10, suffix=4, targets=4, key_tokens=12)
+    copied = memcheck.value_step_costs(config, torch.float32, names, geo, kv_in_place=False)
+    shared = memcheck.value_step_costs(config, torch.float32, names, geo, kv_in_place=True)
+    for phase in ("forward", "head", "backward"):
+        assert shared[phase].above < copied[phase].above
+    assert shared["step"] == copied["step"] and shared["prefix"] == copied["prefix"]
+
+
 # --------------------------------------------------------------------------- hybrid placement
 
 

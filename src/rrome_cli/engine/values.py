@@ -30,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.hooks import blocks_replaced, capture_input, edit_output
+from rrome_cli.engine.hooks import blocks_replaced, capture_input, edit_output, shared_kv_heads
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
     encode_pair,
@@ -226,7 +226,7 @@ class PackedPass:
         mask[mask.sum(1) == 0, 0] = 1
         device = input_device(self.model)
         batch = DynamicCache()  # plain layers: our prompts are far shorter than any window
-        with torch.no_grad():
+        with torch.no_grad(), shared_kv_heads(self.model):
             self.base(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -245,7 +245,7 @@ class PackedPass:
 
     def hidden(self) -> torch.Tensor:
         """Final hidden states of every slot: (lines * width, d)."""
-        with self._blocks_below():
+        with self._blocks_below(), shared_kv_heads(self.model):
             return self._pass().flatten(0, 1)
 
     @contextmanager
