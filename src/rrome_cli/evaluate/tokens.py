@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rrome_cli.engine.hooks import shared_kv_heads
 from rrome_cli.engine.positions import Encoded, encode_pair, pad_id, special_prefix
 from rrome_cli.models.families import input_device
 
@@ -76,8 +75,7 @@ def _score_batch(
     ids, mask, positions, starts = pad_batch(
         [e.input_ids for e in batch], pad_id, side, input_device(model)
     )
-    with shared_kv_heads(model):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     rows, cols, lengths = [], [], []
     for row, (enc, start) in enumerate(zip(batch, starts, strict=True)):
         # logits at position t-1 predict token t: answer tokens a..b-1 <- positions a-1..b-2
