@@ -1,4 +1,5 @@
-"""Forward hooks (and one attention switch) shared by the key, value and statistics passes."""
+"""Forward hooks shared by the key, value and statistics passes, and the value passes'
+attention switch (``shared_kv_heads``)."""
 
 from __future__ import annotations
 
