@@ -22,7 +22,7 @@ from rrome_cli.config import HParams, HParamsError
 from rrome_cli.engine import edit as edit_module
 from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
-from rrome_cli.engine.hooks import edit_output, shared_kv_heads
+from rrome_cli.engine.hooks import edit_output, shared_kv_heads, weights_on_cpu
 from rrome_cli.engine.keys import keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
@@ -1256,8 +1256,9 @@ def test_shared_kv_heads_only_when_every_weight_is_on_the_cpu(
     """A masked ``enable_gqa`` call falls back to SDPA's slowest kernel on CUDA."""
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
     split = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
-    with shared_kv_heads(split):
+    assert not weights_on_cpu(split) and weights_on_cpu(split[0])
+    with shared_kv_heads(False):
         assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
-    with shared_kv_heads(split[0]):
+    with shared_kv_heads(True):
         assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ

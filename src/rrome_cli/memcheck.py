@@ -491,7 +491,7 @@ def trace_value_step(
         live_tensor_bytes() as tracker,
         frozen(model),
         _fused_attention_on_meta(),
-        shared_kv_heads(model, kv_in_place),
+        shared_kv_heads(kv_in_place),
     ):
         tracker.set_phase("prefix")
         rows = _meta_rows(geo)

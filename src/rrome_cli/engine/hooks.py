@@ -96,21 +96,24 @@ def blocks_replaced(model: nn.Module, blocks: list[str], output: torch.Tensor) -
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers at every SDPA call
 
 
+def weights_on_cpu(model: nn.Module) -> bool:
+    """Whether every weight of ``model`` is in RAM (offloaded ones sit on "meta")."""
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 @contextmanager
-def shared_kv_heads(model: nn.Module, in_place: bool | None = None) -> Iterator[None]:
-    """On CPU, grouped-query attention reads each key/value head in place (SDPA's
-    ``enable_gqa``) instead of a copy per query head.
+def shared_kv_heads(in_place: bool) -> Iterator[None]:
+    """With ``in_place`` (for a model whose weights are all on the CPU: ``weights_on_cpu``),
+    grouped-query attention reads each key/value head in place (SDPA's ``enable_gqa``)
+    instead of a copy per query head.
 
     Given a mask, as all our passes are, transformers copies the heads (``repeat_kv``) and
     sums the copies' gradients back: on CUDA a masked ``enable_gqa`` call would fall back to
     SDPA's slowest kernel. On CPU the kernel does the same arithmetic without the copies
     (SmolLM2's edits come out bit for bit the same) in about 7% less time a value step;
-    forward-only passes gain nothing (the copies cost in backward).
-    ``in_place`` None: when every weight of ``model`` is on the CPU (memcheck says which for
-    its meta models). A switch the user set is left as it is.
+    forward-only passes gain nothing (the copies cost in backward). A switch the user set is
+    left as it is.
     """
-    if in_place is None:
-        in_place = all(p.device.type == "cpu" for p in model.parameters())
     if not in_place or os.environ.get(_FORCE_GQA) is not None:
         yield
         return

@@ -30,7 +30,13 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.hooks import blocks_replaced, capture_input, edit_output, shared_kv_heads
+from rrome_cli.engine.hooks import (
+    blocks_replaced,
+    capture_input,
+    edit_output,
+    shared_kv_heads,
+    weights_on_cpu,
+)
 from rrome_cli.engine.keys import Templated
 from rrome_cli.engine.positions import (
     encode_pair,
@@ -197,6 +203,7 @@ class PackedPass:
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.kv_in_place = weights_on_cpu(model)
         layout = _lay_out(rows)
         self.shape, self.start = layout.ids.shape, layout.start
         device, dtype = input_device(model), model.dtype
@@ -226,7 +233,7 @@ class PackedPass:
         mask[mask.sum(1) == 0, 0] = 1
         device = input_device(self.model)
         batch = DynamicCache()  # plain layers: our prompts are far shorter than any window
-        with torch.no_grad(), shared_kv_heads(self.model):
+        with torch.no_grad(), shared_kv_heads(self.kv_in_place):
             self.base(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -245,7 +252,7 @@ class PackedPass:
 
     def hidden(self) -> torch.Tensor:
         """Final hidden states of every slot: (lines * width, d)."""
-        with self._blocks_below(), shared_kv_heads(self.model):
+        with self._blocks_below(), shared_kv_heads(self.kv_in_place):
             return self._pass().flatten(0, 1)
 
     @contextmanager
