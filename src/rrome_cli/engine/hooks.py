@@ -112,7 +112,8 @@ def shared_kv_heads(in_place: bool) -> Iterator[None]:
     SDPA's slowest kernel. On CPU the kernel does the same arithmetic without the copies
     (SmolLM2's edits come out bit for bit the same) in about 7% less time a value step;
     forward-only passes gain nothing (the copies cost in backward). A switch the user set is
-    left as it is.
+    left as it is. The switch is process-wide while set: attention run meanwhile by another
+    thread (another model) sees it too, correct but on CUDA slower.
     """
     if not in_place or os.environ.get(_FORCE_GQA) is not None:
         yield
