@@ -94,6 +94,18 @@ def split(
     return result
 
 
+def ceiling(labels: dict[str, bool], second: dict[str, bool]) -> dict[str, float]:
+    """What an editor scores that answers every same-question rephrase with the target and no
+    other: the share of same-question records, by the first reader, by either, by both."""
+    cases = set(labels) & set(second)
+    same = {
+        "first reader": {c for c in cases if labels[c]},
+        "either reader": {c for c in cases if labels[c] or second[c]},
+        "both readers": {c for c in cases if labels[c] and second[c]},
+    }
+    return {name: len(group) / len(cases) for name, group in same.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path)
@@ -107,7 +119,13 @@ def main() -> None:
         print(
             f"{name:>18}: n {r['n']:3d}  rephrase {r['mean']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
         )
-    print(json.dumps({"report": str(args.report), "phase": args.phase, **result}))
+    bound = ceiling(labels, second)
+    print(
+        "a correct editor's ceiling (every same-question rephrase, no other): "
+        + ", ".join(f"{v:.3f} ({k})" for k, v in bound.items())
+    )
+    summary = {"report": str(args.report), "phase": args.phase, **result, "ceiling": bound}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,13 @@ def test_retiring_twice_within_a_second_keeps_both(tmp_path: Path) -> None:
         bench.retire(tmp_path / "speed.json", tmp_path)
     kept = sorted(p.read_text() for p in (tmp_path / "earlier").iterdir())
     assert kept == ["first", "second"]
+
+
+def test_rephrase_ceiling_counts_the_same_question_records_by_each_reader() -> None:
+    spec = importlib.util.spec_from_file_location("split", ROOT / "bench" / "rephrase_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    first = {"a": True, "b": True, "c": False, "d": False, "x": True}
+    second = {"a": True, "b": False, "c": True, "d": False}  # "x" unlabelled: left out
+    bound = split.ceiling(first, second)
+    assert bound == {"first reader": 0.5, "either reader": 0.75, "both readers": 0.25}

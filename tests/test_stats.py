@@ -199,6 +199,21 @@ def test_cache_hit_runs_no_forward(llama, corpus, tmp_path, umask_022) -> None:
     assert meta["dtype"] == "float32" and meta["model"] == "tiny-llama"
 
 
+def test_cache_hit_names_the_corpus_given_now(llama, corpus, tmp_path) -> None:
+    """The same bytes elsewhere (another checkout, a copy) hit the cache; the run's provenance
+    names the file it was given, not the one the cache was first made from."""
+    model, tok, names = llama
+    first = run(model, tok, names, corpus, tmp_path / "stats")
+    copy = tmp_path / "elsewhere" / corpus.name
+    copy.parent.mkdir()
+    copy.write_bytes(corpus.read_bytes())
+    with count_forwards(model, names) as calls:
+        second = run(model, tok, names, copy, tmp_path / "stats")
+    assert calls[0] == 0 and second.path == first.path
+    assert first.source == str(corpus) and second.source == str(copy)
+    assert second.metadata["corpus"] == str(corpus)  # the file keeps where it was made from
+
+
 def test_changed_corpus_is_a_different_cache_entry(llama, corpus, tmp_path) -> None:
     model, tok, names = llama
     first = run(model, tok, names, corpus, tmp_path)

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -633,7 +633,8 @@ def second_moment(
     cached = load_cached(path, key)
     device = weight_as_out_in(get_module(model, names.rewrite(layer))).device
     if _all_agree(cached is not None, device if device.type != "meta" else torch.device("cpu")):
-        return cached  # type: ignore[return-value]
+        # the same bytes (by digest) may have been cached from another path: name this one
+        return replace(cached, source=source.source)  # type: ignore[arg-type]
     partial_path = _partial_path(path, rank, world)
     state = _accumulate(
         model,
