@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rrome_cli.config import IGNORED_KEYS, HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.config import (
+    IGNORED_KEYS,
+    HParams,
+    HParamsError,
+    from_dict,
+    load_hparams,
+    shipped_hparams,
+)
 from rrome_cli.models.families import FAMILIES, get_module, module_names, num_layers
 from rrome_cli.models.registry import ALIASES, shipped_config
 from rrome_cli.models.tiny import tiny_model
@@ -55,25 +62,31 @@ def test_unknown_key_suggests_nearest(tmp_path: Path) -> None:
     assert str(path) in message and "'v_lrr'" in message and "did you mean 'v_lr'" in message
 
 
-def test_bad_value_names_file_and_key(tmp_path: Path) -> None:
+def test_bad_value_names_file_line_and_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("v_lr: fast\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml: v_lr must be a number"):
+    head = "# a comment\nlayers: [5]\n\n"  # the bad key sits on line 4
+    path.write_text(head + "v_lr: fast\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_lr must be a number"):
         load_hparams(path)
-    path.write_text("v_realized_delta: everywhere\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml: v_realized_delta must be true, false"):
+    path.write_text(head + "v_realized_delta: everywhere\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_realized_delta must be true, false"):
         load_hparams(path)
     path.write_text("v_realized_delta: suffix\n")
     assert load_hparams(path).v_realized_delta == "suffix"
-    path.write_text("protect_weight: -1\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml: protect_weight must be 0"):
+    path.write_text(head + "protect_weight: -1\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml:4: protect_weight must be 0"):
         load_hparams(path)
     path.write_text("v_bare_weight: 1\n")  # the templates would get nothing
-    with pytest.raises(HParamsError, match=r"bad\.yaml: v_bare_weight must be in \[0, 1\)"):
+    with pytest.raises(HParamsError, match=r"bad\.yaml:1: v_bare_weight must be in \[0, 1\)"):
         load_hparams(path)
-    path.write_text("v_adam_beta2: 1.5\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml: v_adam_beta2 must be in \[0, 1\)"):
+    path.write_text(head + "v_adam_beta2: 1.5\nv_lr: 1.0\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_adam_beta2 must be in \[0, 1\)"):
         load_hparams(path)
+    path.write_text(head + "v_lr: 1.0\nv_lrr: 1\n")
+    with pytest.raises(HParamsError, match=r"bad\.yaml:5: unknown key 'v_lrr'"):
+        load_hparams(path)
+    with pytest.raises(HParamsError, match=r"^<hparams>: v_stop must be one of"):
+        from_dict({"v_stop": "never"})  # no file, no lines: the mapping's name alone
 
 
 def test_ships_every_model_and_fixture() -> None:

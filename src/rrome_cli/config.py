@@ -36,7 +36,11 @@ IGNORED_KEYS = {
 
 
 class HParamsError(ValueError):
-    """A bad hyperparameter file or value; the message names the file and the key."""
+    """A bad hyperparameter file or value; the message names the file, the line and the key."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key  # the offending key, when there is one
 
 
 REALIZED = ("suffix", "answer", "bare")  # v_realized_delta's values besides true and false
@@ -110,30 +114,38 @@ class HParams:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise HParamsError(
-                f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+                f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}", "variant"
             )
         if self.fact_token != "subject_last":
-            raise HParamsError(f"fact_token {self.fact_token!r} is not supported: use subject_last")
+            raise HParamsError(
+                f"fact_token {self.fact_token!r} is not supported: use subject_last", "fact_token"
+            )
         if self.v_stop not in V_STOPS:
-            raise HParamsError(f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}")
+            raise HParamsError(
+                f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}", "v_stop"
+            )
         realized = self.v_realized_delta
         if not (isinstance(realized, bool) or realized in REALIZED):
             options = "true, false, " + ", ".join(REALIZED[:-1]) + " or " + REALIZED[-1]
-            raise HParamsError(f"v_realized_delta must be {options}, got {realized!r}")
+            raise HParamsError(
+                f"v_realized_delta must be {options}, got {realized!r}", "v_realized_delta"
+            )
         if not 0 <= self.v_adam_beta2 < 1:
-            raise HParamsError("v_adam_beta2 must be in [0, 1)")
+            raise HParamsError("v_adam_beta2 must be in [0, 1)", "v_adam_beta2")
         if not 0 <= self.v_bare_weight < 1:
-            raise HParamsError("v_bare_weight must be in [0, 1)")
+            raise HParamsError("v_bare_weight must be in [0, 1)", "v_bare_weight")
         if self.v_num_grad_steps < 1:
-            raise HParamsError("v_num_grad_steps must be at least 1")
+            raise HParamsError("v_num_grad_steps must be at least 1", "v_num_grad_steps")
         if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
-            raise HParamsError("k_bare_min must be in (0, 1] (or null: the plain mean)")
+            raise HParamsError(
+                "k_bare_min must be in (0, 1] (or null: the plain mean)", "k_bare_min"
+            )
         if self.max_phrasings < 0:
-            raise HParamsError("max_phrasings must be 0 (none) or more")
+            raise HParamsError("max_phrasings must be 0 (none) or more", "max_phrasings")
         if self.protect_weight < 0:
-            raise HParamsError("protect_weight must be 0 (off) or positive")
+            raise HParamsError("protect_weight must be 0 (off) or positive", "protect_weight")
         if not self.layers:
-            raise HParamsError("layers must name at least one layer")
+            raise HParamsError("layers must name at least one layer", "layers")
 
     def module_overrides(self) -> dict[str, str | None]:
         keys = (
@@ -156,48 +168,66 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        raise HParamsError(f"{where}: {name} must be true or false, got {value!r}")
+        raise HParamsError(f"{where}: {name} must be true or false, got {value!r}", name)
     if isinstance(default, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise HParamsError(f"{where}: {name} must be a number, got {value!r}") from None
+            raise HParamsError(f"{where}: {name} must be a number, got {value!r}", name) from None
         if isinstance(default, int) and number.is_integer():
             return int(number)
         return number
     return value
 
 
-def from_dict(raw: dict[str, Any], where: str = "<hparams>") -> HParams:
+def from_dict(
+    raw: dict[str, Any], where: str = "<hparams>", lines: dict[str, int] | None = None
+) -> HParams:
+    """HParams from a mapping; errors and notes name ``where`` and, given ``lines`` (key ->
+    line), the key's line."""
+    lines = lines or {}
+
+    def at(key: str | None) -> str:
+        return f"{where}:{lines[key]}" if key in lines else where
+
     known = {f.name: f for f in fields(HParams)}
     defaults = HParams()
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name in IGNORED_KEYS:
-            warnings.warn(f"{where}: ignoring {name!r} ({IGNORED_KEYS[name]})", stacklevel=2)
+            warnings.warn(f"{at(name)}: ignoring {name!r} ({IGNORED_KEYS[name]})", stacklevel=2)
             continue
         if name not in known:
             near = difflib.get_close_matches(name, list(known), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise HParamsError(f"{where}: unknown key {name!r}{hint}")
-        values[name] = _coerce(name, value, getattr(defaults, name), where)
+            raise HParamsError(f"{at(name)}: unknown key {name!r}{hint}", name)
+        values[name] = _coerce(name, value, getattr(defaults, name), at(name))
     try:
         return HParams(**values)
     except HParamsError as err:
-        raise HParamsError(f"{where}: {err}") from None
+        raise HParamsError(f"{at(err.key)}: {err}", err.key) from None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Each top-level key of a YAML mapping -> its line (1-based), from YAML's own node marks."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value}
 
 
 def load_hparams(path: str | Path) -> HParams:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except OSError as err:
         raise HParamsError(f"{path}: cannot read hparams: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise HParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise HParamsError(f"{path}: expected a mapping of keys to values")
-    return from_dict(raw, where=str(path))
+    return from_dict(raw, where=str(path), lines=_key_lines(text))
 
 
 def shipped_hparams(name: str) -> Path:
