@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from rrome_cli import run as run_module
 from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
-from rrome_cli.engine.update import load_patches
+from rrome_cli.engine.update import Patch, load_patches, save_patches
 from rrome_cli.models.loading import load_model
 from rrome_cli.run import RunOptions, run_edits
 
@@ -27,6 +28,24 @@ runner = CliRunner()
 
 def run(*args: str, input: str | None = None):
     return runner.invoke(app, list(args), input=input)
+
+
+def unwrapped(text: str) -> str:
+    """``text`` without whitespace: rich wraps long messages anywhere, paths included."""
+    return "".join(text.split())
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model (bad input must fail before that)."""
+    import rrome_cli.evaluate.run as evaluate_run
+    import rrome_cli.models.loading as loading
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        pytest.fail("the model loaded")
+
+    for module in (loading, evaluate_run):  # every module that binds the name
+        monkeypatch.setattr(module, "load_model", fail)
 
 
 def test_help_lists_commands_and_real_options() -> None:
@@ -440,6 +459,74 @@ def test_bad_phrasings_table_exits_2_before_any_edit(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert str(table) in result.stderr
     assert not (tmp_path / "run" / "report.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('["{}", "The sky. {}", "no slot"]', "template 3 ('no slot'): needs one '{}'"),
+        ('["{}",\n  "two {} {}"]', "template 2 ('two {} {}'): needs one '{}'"),
+        ('["{}",\n  oops]', ":2: not valid JSON"),
+        ("[]", "expected a JSON list of templates"),
+    ],
+)
+def test_bad_templates_file_exits_2_before_the_model_loads(
+    tmp_path: Path, no_model_load: None, text: str, problem: str
+) -> None:
+    templates = tmp_path / "templates.json"
+    templates.write_text(text)
+    result = run(
+        "edit", str(SAMPLE), "--model", "tiny-llama", "--templates", str(templates),
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert str(templates) in result.stderr and problem in " ".join(result.stderr.split())
+
+
+def test_unreadable_patches_exit_2_before_the_model_loads(
+    tmp_path: Path, no_model_load: None
+) -> None:
+    junk = tmp_path / "patches.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    not_ours = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(not_ours))
+    for path, problem in ((junk, "cannot read patches"), (not_ours, "not an rrome patches")):
+        for args in (
+            ("eval", str(SAMPLE), "--model", "tiny-llama", "--patches", str(path)),
+            ("apply", str(path), "--model", "tiny-llama", "--out", str(tmp_path / "ckpt")),
+        ):
+            result = run(*args)
+            assert result.exit_code == 2, args
+            assert unwrapped(f"{path}: {problem}") in unwrapped(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("module", "d_in", "problem"),
+    [
+        ("model.layers.9.mlp.down_proj", 128, "which this model does not have"),
+        ("model.layers.1.mlp.down_proj", 100, "made for W of (64, 100), this model's is (64, 128)"),
+    ],
+)
+def test_patches_of_another_model_exit_2_before_any_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, d_in: int, problem: str
+) -> None:
+    import rrome_cli.engine.update as update
+
+    monkeypatch.setattr(update, "apply_update", lambda *a: pytest.fail("a patch was applied"))
+    fits = Patch(1, "model.layers.1.mlp.down_proj", torch.ones(128), torch.ones(64), "float32")
+    wrong = Patch(1, module, torch.ones(d_in), torch.ones(64), "float32", "case-7")
+    path = tmp_path / "patches.safetensors"
+    save_patches(path, [fits, wrong])
+    for args in (
+        ("eval", str(SAMPLE), "--model", "tiny-llama", "--patches", str(path), "--limit", "1"),
+        ("apply", str(path), "--model", "tiny-llama", "--out", str(tmp_path / "ckpt")),
+    ):
+        result = run(*args)
+        assert result.exit_code == 2, args
+        message = unwrapped(result.stderr)
+        assert unwrapped(f"{path}: patch 2 (request case-7) edits {module}") in message
+        assert unwrapped(problem) in message
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_memory_plan_counts_phrasings_that_requests_bring(

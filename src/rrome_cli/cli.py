@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 
 from rrome_cli.config import HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.engine.templates import load_templates
+from rrome_cli.engine.update import PatchFileError
 from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
@@ -40,6 +42,7 @@ console = Console(stderr=True)
 
 BAD_INPUT = (
     RequestError,
+    PatchFileError,
     HParamsError,
     ModelLoadError,
     UnknownArchitectureError,
@@ -293,6 +296,8 @@ def edit_cmd(
             refuse_finished_run(out)  # before the model loads
             if phrasings:
                 read_phrasings(phrasings)  # a bad table fails now, not after the load
+            if templates:
+                load_templates(templates)  # so does a bad templates file
         device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
@@ -528,13 +533,19 @@ def apply_cmd(
     devices: Devices = None,
 ) -> None:
     """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint."""
-    from rrome_cli.engine.update import apply_patch, load_patches, revert_patch
+    from rrome_cli.engine.update import (
+        apply_patch,
+        check_patches_fit,
+        load_patches,
+        revert_patch,
+    )
     from rrome_cli.models.loading import load_model
     from rrome_cli.run import save_model_atomic, warn_if_independent
 
     def body() -> None:
+        found = load_patches(patches)  # a bad file fails before the model loads
         loaded = load_model(model, _dtype(fp16, bf16), devices)
-        found = load_patches(patches)
+        check_patches_fit(loaded.model, found, patches)
         if not revert:
             warn_if_independent(patches, len(found), console)
         for patch in reversed(found) if revert else found:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.engine.positions import pad_id
 from rrome_cli.models.families import input_device
+from rrome_cli.requests import RequestError
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
@@ -68,9 +69,19 @@ def save_templates(templates: list[str], path: Path) -> None:
 
 
 def load_templates(path: Path) -> list[str]:
-    templates = json.loads(Path(path).read_text())
-    if not isinstance(templates, list) or not all(
-        isinstance(t, str) and t.count("{}") == 1 for t in templates
-    ):
-        raise ValueError(f"{path}: expected a JSON list of strings, each with one '{{}}'")
+    """A ``templates.json``: a JSON list of strings, each with one ``{}`` (the prompt)."""
+    name = str(path)
+    try:
+        templates = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RequestError(name, None, None, f"cannot read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise RequestError(name, err.lineno, None, f"not valid JSON: {err.msg}") from None
+    if not isinstance(templates, list) or not templates:
+        raise RequestError(
+            name, None, None, "expected a JSON list of templates, each with one '{}'"
+        )
+    for number, t in enumerate(templates, start=1):
+        if not (isinstance(t, str) and t.count("{}") == 1):
+            raise RequestError(name, None, None, f"template {number} ({t!r}): needs one '{{}}'")
     return templates

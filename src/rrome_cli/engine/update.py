@@ -158,23 +158,49 @@ def save_patches(path: Path, patches: list[Patch], with_keys: bool = False) -> N
     save_safetensors_atomic(path, tensors, {"rrome_patches": json.dumps(meta)})
 
 
-def load_patches(path: Path) -> list[Patch]:
-    from safetensors import safe_open
+class PatchFileError(ValueError):
+    """A patches file that cannot be read or is not an rrome patches file; names the file."""
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("rrome_patches", "null"))
+
+def load_patches(path: Path) -> list[Patch]:
+    """The patches of a ``patches.safetensors`` that ``save_patches`` wrote, in its order."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("rrome_patches", "null"))
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:
+        raise PatchFileError(f"{path}: cannot read patches: {err}") from None
     if not isinstance(meta, list):
-        raise ValueError(f"{path}: not an rrome patches file (no rrome_patches metadata)")
-    tensors = load_file(str(path))
-    return [
-        Patch(
-            m["layer"],
-            m["module"],
-            tensors[f"{i}.left"],
-            tensors[f"{i}.right"],
-            m["dtype"],
-            m.get("request", ""),
-            tensors.get(f"{i}.keys"),
-        )
-        for i, m in enumerate(meta)
-    ]
+        raise PatchFileError(f"{path}: not an rrome patches file (no rrome_patches metadata)")
+    try:
+        return [
+            Patch(
+                m["layer"],
+                m["module"],
+                tensors[f"{i}.left"],
+                tensors[f"{i}.right"],
+                m["dtype"],
+                m.get("request", ""),
+                tensors.get(f"{i}.keys"),
+            )
+            for i, m in enumerate(meta)
+        ]
+    except (KeyError, TypeError) as err:
+        raise PatchFileError(f"{path}: patch layout is damaged (missing {err})") from None
+
+
+def check_patches_fit(model: nn.Module, patches: list[Patch], path: Path) -> None:
+    """Every patch names a module of ``model`` whose W has the patch's shape (patches made on
+    another model fail here, before anything is applied)."""
+    for i, patch in enumerate(patches, start=1):
+        which = f"{path}: patch {i} (request {patch.request or '?'}) edits {patch.module}"
+        try:
+            module = model.get_submodule(patch.module)
+        except AttributeError:
+            raise PatchFileError(f"{which}, which this model does not have") from None
+        shape = tuple(weight_as_out_in(module).shape)
+        if shape != (patch.right.numel(), patch.left.numel()):
+            made = (patch.right.numel(), patch.left.numel())
+            raise PatchFileError(f"{which}: made for W of {made}, this model's is {shape}")

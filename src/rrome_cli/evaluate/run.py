@@ -38,7 +38,7 @@ class EvalOptions:
 
 
 def run_eval(opts: EvalOptions, console: Console) -> dict:
-    from rrome_cli.engine.update import apply_patch, load_patches
+    from rrome_cli.engine.update import apply_patch, check_patches_fit, load_patches
     from rrome_cli.run import new_run_dir, warn_if_independent, write_json
 
     requests: list[EditRequest] = list(
@@ -50,12 +50,14 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
             warn=lambda m: console.print(f"[yellow]{m}"),
         )
     )
+    patches = load_patches(opts.patches) if opts.patches else []  # before the long part
     base = load_model(opts.model, opts.dtype, opts.devices)
+    if opts.patches:
+        check_patches_fit(base.model, patches, opts.patches)
     console.print(f"evaluating {len(requests)} requests on {base.model_id}")
     pre = evaluate_requests(base.model, base.tok, requests, fluency=opts.fluency, seed=opts.seed)
     post_model, protocol = None, "as is"
     if opts.patches:
-        patches = load_patches(opts.patches)
         warn_if_independent(opts.patches, len(patches), console)
         for patch in patches:
             apply_patch(base.model, patch)
