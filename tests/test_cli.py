@@ -144,6 +144,30 @@ def test_missing_requests_file_exits_2(tmp_path: Path) -> None:
     assert "nope.jsonl" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_that_is_not_here_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run("edit", str(SAMPLE), "--model", "tiny-llama", "--devices", "0", "--out", str(out))
+    assert result.exit_code == 2
+    assert unwrapped("--devices 0: cuda:0 is not here") in unwrapped(result.stderr)
+    assert run("memcheck", "--model", "tiny-llama", "--devices", "0,1").exit_code == 0  # plans
+
+
+def test_a_model_path_or_corpus_that_is_not_there_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model"
+    for flag in ("--model", "--compare"):
+        args = ["eval", str(SAMPLE), "--limit", "1", flag, str(missing)]
+        if flag == "--compare":
+            args += ["--model", "tiny-llama"]
+        result = run(*args)
+        assert result.exit_code == 2, flag
+        assert unwrapped(f"model {missing}: cannot load") in unwrapped(result.stderr)
+    corpus = tmp_path / "corpus.txt"
+    result = run("stats", "--model", "tiny-llama", "--layer", "1", "--corpus", str(corpus))
+    assert result.exit_code == 2
+    assert unwrapped(f"--corpus {corpus}: no such file") in unwrapped(result.stderr)
+
+
 def test_pipeline_stdin_to_report_on_stdout(tmp_path: Path) -> None:
     lines = SAMPLE.read_text().splitlines()[:2]
     result = run(

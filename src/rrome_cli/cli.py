@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from rrome_cli.config import HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
 from rrome_cli.engine.update import PatchFileError
 from rrome_cli.memcheck import MemcheckError
@@ -43,6 +44,7 @@ console = Console(stderr=True)
 BAD_INPUT = (
     RequestError,
     PatchFileError,
+    CorpusError,
     HParamsError,
     ModelLoadError,
     UnknownArchitectureError,

@@ -163,13 +163,17 @@ def load_model(
     """
     name = model or DEFAULT_MODEL
     targets = parse_devices(devices)
+    _check_present(targets, devices)
     overrides = hparams.module_overrides() if hparams else None
     if name.startswith(TINY_PREFIX):
         net, tok = tiny.tiny_model(name[len(TINY_PREFIX) :])
         net = net.to(dtype=DTYPES.get(dtype or "fp32"), device=targets[0])
         return LoadedModel(net, tok, module_names(type(net).__name__, overrides), name, None)
     source = resolve(name)
-    config = load_config(model) if shipped_config(name) else AutoConfig.from_pretrained(source)
+    try:
+        config = load_config(model) if shipped_config(name) else AutoConfig.from_pretrained(source)
+    except OSError as err:  # no such path, not a checkpoint, or the hub out of reach
+        raise ModelLoadError(f"model {name}: cannot load ({err})") from None
     torch_dtype = choose_dtype(config, dtype, targets)
     if device_map is None and (len(targets) > 1 or max_memory):
         from rrome_cli.memcheck import plan
@@ -185,12 +189,21 @@ def load_model(
             offload_folder=str(cache_dir() / "offload") if sharded else None,
         )
     except OSError as err:
-        raise ModelLoadError(f"--model {name}: cannot load ({err})") from None
+        raise ModelLoadError(f"model {name}: cannot load ({err})") from None
     if not sharded:
         net = net.to(targets[0] if device_map is None else _as_device(device_map[""]))
     arch = (config.architectures or [type(net).__name__])[0]
     revision = getattr(config, "_commit_hash", None)
     return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
+
+
+def _check_present(targets: list[torch.device], spec: str | None) -> None:
+    """Every GPU asked for exists here (memcheck plans for absent ones; loading cannot)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in targets:
+        if device.type == "cuda" and (device.index or 0) >= count:
+            here = f"{count} CUDA GPU(s)" if count else "no CUDA GPU (or a CPU build of torch)"
+            raise ModelLoadError(f"--devices {spec}: {device} is not here: this machine has {here}")
 
 
 def _as_device(where: int | str) -> torch.device:
