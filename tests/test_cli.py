@@ -417,6 +417,26 @@ def test_apply_patches_reproduces_the_edited_model_and_revert_undoes_it(tmp_path
     name = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(edited[name], base[name])
     torch.testing.assert_close(back[name], base[name], rtol=0, atol=1e-5)
+    # --out never replaces what is not a checkpoint, nor a checkpoint without --overwrite
+    kept = sorted(p.name for p in run_dir.iterdir())
+    for target in (run_dir, run_dir / "report.jsonl", applied):
+        result = run("apply", patches, "--model", "tiny-llama", "--out", str(target))
+        assert result.exit_code == 2, target
+        assert unwrapped(f"--out {target}") in unwrapped(result.stderr)
+    assert sorted(p.name for p in run_dir.iterdir()) == kept
+    assert torch.equal(load_file(str(applied / "model.safetensors"))[name], again[name])
+    revert_in_place = ("--model", str(applied), "--revert", "--out", str(applied), "--overwrite")
+    result = run("apply", patches, *revert_in_place)
+    assert result.exit_code == 0, result.stderr
+    assert torch.equal(load_file(str(applied / "model.safetensors"))[name], back[name])
+
+
+def test_options_that_contradict_each_other_exit_2(tmp_path: Path) -> None:
+    result = run("memcheck", "--model", "tiny-llama", "--fp16", "--bf16")
+    assert result.exit_code == 2 and "choose one of --fp16 and --bf16" in result.stderr
+    patches = str(tmp_path / "patches.safetensors")
+    result = run("eval", str(SAMPLE), "--patches", patches, "--compare", "tiny-gpt2")
+    assert result.exit_code == 2 and "choose one of --patches and --compare" in result.stderr
 
 
 def test_eval_with_patches_and_compare(tmp_path: Path) -> None:

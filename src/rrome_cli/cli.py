@@ -42,6 +42,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 BAD_INPUT = (
+    typer.BadParameter,  # options that contradict each other
     RequestError,
     PatchFileError,
     CorpusError,
@@ -408,6 +409,8 @@ def eval_cmd(
     from rrome_cli.evaluate.run import EvalOptions, run_eval
 
     def body() -> None:
+        if patches and compare:
+            raise typer.BadParameter("choose one of --patches and --compare")
         opts = EvalOptions(
             requests=requests,
             model=model,
@@ -530,6 +533,10 @@ def apply_cmd(
             help="Subtract the patches (newest first) from --model, an edited checkpoint.",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace --out when it holds a checkpoint already."),
+    ] = False,
     fp16: Fp16 = False,
     bf16: Bf16 = False,
     devices: Devices = None,
@@ -545,6 +552,7 @@ def apply_cmd(
     from rrome_cli.run import save_model_atomic, warn_if_independent
 
     def body() -> None:
+        check_checkpoint_target(out, overwrite)
         found = load_patches(patches)  # a bad file fails before the model loads
         loaded = load_model(model, _dtype(fp16, bf16), devices)
         check_patches_fit(loaded.model, found, patches)
@@ -558,6 +566,18 @@ def apply_cmd(
         console.print(f"{len(found)} patches {done}; checkpoint written to [bold]{out}[/bold]")
 
     guarded(body)
+
+
+def check_checkpoint_target(out: Path, overwrite: bool) -> None:
+    """``--out`` of apply is new, or a checkpoint (a directory with config.json) that
+    ``overwrite`` lets us replace; never any other directory or a file, which replacing would
+    delete."""
+    if not out.exists():
+        return
+    if not (out.is_dir() and (out / "config.json").is_file()):
+        raise FileExistsError(f"--out {out}: exists and is not a checkpoint; choose a new path")
+    if not overwrite:
+        raise FileExistsError(f"--out {out}: holds a checkpoint already (--overwrite replaces it)")
 
 
 def main() -> None:
