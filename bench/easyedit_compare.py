@@ -10,7 +10,8 @@ record to record so that a drifting machine slows each arm alike:
 - ``easyedit``: EasyEdit's ``apply_r_rome_to_model`` with its llama-7b R-ROME values at layer 5
   (25 steps, lr 0.5, C = I, stop at a total loss of 0.05), fp32;
 - ``rrome-same``: rrome with those same values (EasyEdit's YAML loads unchanged);
-- ``rrome``: rrome with the shipped SmolLM2 recipe (hparams/smollm2-135m.yaml).
+- ``rrome``: rrome with the shipped SmolLM2 recipe (hparams/smollm2-135m.yaml; ``--hparams``
+  names another, to measure a candidate recipe the same way).
 
 Each edit is timed from request to applied weights (keys, value optimisation, solve, apply; no
 evaluation), then scored with rrome's own metrics against the unedited model, then reverted.
@@ -189,11 +190,14 @@ def main() -> None:
     parser.add_argument("--requests", default="../shared/data/counterfact/counterfact-edit.json")
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--hparams", type=Path, default=ROOT / "hparams" / "smollm2-135m.yaml", help="rrome arm"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(None, "fp32", None)
     requests = list(read_requests(args.requests, limit=args.limit))
-    shipped = load_hparams(ROOT / "hparams" / "smollm2-135m.yaml").to_dict()
+    shipped = load_hparams(args.hparams).to_dict()
     arms = {
         "easyedit": easyedit_arm(loaded, args.easyedit),
         "rrome-same": rrome_arm(loaded, EASYEDIT_VALUES),
@@ -207,6 +211,7 @@ def main() -> None:
         "requests": f"{args.requests}, first {len(requests)}",
         "easyedit_commit": easyedit_commit(args.easyedit),
         "easyedit_values": EASYEDIT_VALUES,
+        "rrome_hparams": str(args.hparams),
         "summary": summarise(rows, list(arms)),
         "records": rows,
     }
