@@ -609,15 +609,21 @@ def request_to_dict(req: EditRequest) -> dict[str, Any]:
 # Relation phrasings (``--phrasings``): a JSON list of groups, each the templates of one relation.
 
 
-def read_phrasings(path: str | Path) -> dict[str, list[str]]:
-    """template -> the other templates of its group, in the file's order."""
+def read_json_file(path: str | Path) -> Any:
+    """A whole JSON file (a table, a templates list); a RequestError names the file, and the
+    line where the JSON breaks."""
     name = str(path)
     try:
-        groups = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise RequestError(name, None, None, f"cannot read: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise RequestError(name, err.lineno, None, f"not valid JSON: {err.msg}") from None
+
+
+def read_phrasings(path: str | Path) -> dict[str, list[str]]:
+    """template -> the other templates of its group, in the file's order."""
+    name, groups = str(path), read_json_file(path)
     ok = isinstance(groups, list) and all(
         isinstance(g, list) and all(isinstance(t, str) and _one_slot(t) for t in g) for g in groups
     )

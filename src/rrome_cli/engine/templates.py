@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.engine.positions import pad_id
 from rrome_cli.models.families import input_device
-from rrome_cli.requests import RequestError
+from rrome_cli.requests import RequestError, read_json_file
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
@@ -70,13 +70,7 @@ def save_templates(templates: list[str], path: Path) -> None:
 
 def load_templates(path: Path) -> list[str]:
     """A ``templates.json``: a JSON list of strings, each with one ``{}`` (the prompt)."""
-    name = str(path)
-    try:
-        templates = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise RequestError(name, None, None, f"cannot read: {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise RequestError(name, err.lineno, None, f"not valid JSON: {err.msg}") from None
+    name, templates = str(path), read_json_file(path)
     if not isinstance(templates, list) or not templates:
         raise RequestError(
             name, None, None, "expected a JSON list of templates, each with one '{}'"
