@@ -1012,14 +1012,15 @@ def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
     (at the subject's token, no ``read``); only the whole, uncached bare prompt gets the share."""
     model, tok, names = load("llama")
     made: list[tuple[PackedPass, list[Row], Any]] = []
-    real = values_module.delta_site
+    real = values_module.delta_site_of
 
-    def spy(packed: PackedPass, rows: list[Row], *args: Any) -> Any:
-        site = real(packed, rows, *args)
+    def spy(packed: PackedPass, jobs: list[Any], *args: Any) -> Any:
+        site = real(packed, jobs, *args)
+        ((rows, _, _),) = jobs
         made.append((packed, rows, site))
         return site
 
-    monkeypatch.setattr(values_module, "delta_site", spy)
+    monkeypatch.setattr(values_module, "delta_site_of", spy)
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]

@@ -258,6 +258,14 @@ def edit_cmd(
         bool,
         typer.Option("--force", help="Edit even when memcheck predicts the plan does not fit."),
     ] = False,
+    batch: Annotated[
+        str,
+        typer.Option(
+            "--batch",
+            help="Independent edits in flight together: a number, or auto (on a GPU the most "
+            f"that memcheck says fit, on the CPU {CPU_BATCH}). Results equal one at a time.",
+        ),
+    ] = "auto",
 ) -> None:
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
     from rrome_cli.config import VARIANTS
@@ -295,6 +303,7 @@ def edit_cmd(
                 save_model=save_model,
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
+                batch=parse_batch(batch, sequential, hp),
             )
             refuse_finished_run(out)  # before the model loads
             if phrasings:
@@ -302,6 +311,9 @@ def edit_cmd(
             if templates:
                 load_templates(templates)  # so does a bad templates file
         device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
+        if not opts.batch:  # auto
+            opts.batch = auto_batch(model, dtype, devices, max_memory, hp)
+            console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
@@ -309,6 +321,43 @@ def edit_cmd(
             raise typer.Exit(1)
 
     guarded(body)
+
+
+# --batch auto on the CPU: measured on SmolLM2 (docs/results.md, the throughput section)
+CPU_BATCH = 4
+
+
+def parse_batch(spec: str, sequential: bool, hp: HParams) -> int:
+    """``--batch``: a count of 1 or more, or "auto" (0 here, resolved once the device is
+    known). Sequential edits depend on each other, and batching takes a one-layer recipe."""
+    if spec == "auto":
+        return 1 if sequential or len(hp.layers) > 1 else 0
+    if not spec.isdigit() or int(spec) < 1:
+        raise typer.BadParameter(f"--batch must be a number of 1 or more, or auto; got {spec!r}")
+    n = int(spec)
+    if n > 1 and sequential:
+        raise typer.BadParameter(
+            "--batch with --sequential: sequential edits each start from the one before, so "
+            "they cannot be made together; drop --batch (or --sequential)"
+        )
+    if n > 1 and len(hp.layers) > 1:
+        raise typer.BadParameter(f"--batch needs a one-layer recipe; layers: {hp.layers}")
+    return n
+
+
+def auto_batch(
+    model: str | None, dtype: str | None, devices: str | None, max_memory: str | None, hp: HParams
+) -> int:
+    """``--batch auto``: on a GPU the most requests whose working sets memcheck says fit, on
+    the CPU ``CPU_BATCH``."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and (devices or "0") != "cpu"
+    if not on_gpu or (model and model.startswith("tiny-")):
+        return CPU_BATCH
+    from rrome_cli.memcheck import largest_batch, plan
+
+    return largest_batch(plan(model, dtype, devices, parse_memory(max_memory), hp))
 
 
 def brings_phrasings(opts: RunOptions) -> bool:

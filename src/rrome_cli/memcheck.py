@@ -950,6 +950,15 @@ def _plan(
     )
 
 
+def largest_batch(memory_plan: MemoryPlan, cap: int = 64) -> int:
+    """The most requests in flight together (``rrome edit --batch``) whose edit working sets
+    fit beside the weights on the edited layer's device: the working set grows about in
+    proportion to the requests (their rows of the packed value pass and of the head)."""
+    device = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
+    room = device.capacity - device.weights - device.reserve
+    return max(1, min(cap, room // max(device.edit, 1)))
+
+
 def plan(
     model: str | None,
     dtype: str | None,

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -34,10 +34,11 @@ from rich.progress import (
 )
 
 from rrome_cli.config import HParams, from_dict
-from rrome_cli.engine.edit import EditResult, edit, protect_edited_keys
+from rrome_cli.engine.edit import EditResult, edit, edit_independent, protect_edited_keys
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
 from rrome_cli.evaluate import (
+    evaluate_edits,
     evaluate_request,
     evaluate_requests,
     first_collapse,
@@ -49,6 +50,7 @@ from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import (
     EditRequest,
+    RequestError,
     read_phrasings,
     read_requests,
     request_to_dict,
@@ -86,6 +88,7 @@ class RunOptions:
     save_model: bool = False
     fluency: bool = False
     probe_every: int = 50  # sequential: generation entropy on the probe set every N edits
+    batch: int = 1  # independent runs: requests in flight together
     stats: dict[str, Any] = field(default_factory=dict)  # corpus, tokens, stats_dir, ...
 
     def to_json(self) -> dict[str, Any]:
@@ -103,7 +106,8 @@ class RunState:
     templates: list[str]
     covariances: dict[int, KeyCovariance]
     covariance_source: str
-    patches: list[Patch] = field(default_factory=list)
+    patches: list[Patch] = field(default_factory=list)  # of the edits the report holds
+    unreported: dict[int, list[Patch]] = field(default_factory=dict)  # index -> made, unwritten
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per edited module
     failed: int = 0
     baseline_entropy: float | None = None  # probe-set entropy of the unedited model
@@ -220,24 +224,17 @@ def _cumulative_ratio(state: RunState, result: EditResult) -> float:
 
 
 def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any]:
-    """Evaluate, edit, evaluate again; in independent mode revert. Returns the report record."""
+    """Sequential runs: evaluate, edit (the edit stays), evaluate again. Returns the record."""
     loaded, opts = state.loaded, state.opts
     start = time.perf_counter()
     pre, reference = evaluate_request(
         loaded.model, loaded.tok, request, fluency=opts.fluency, seed=opts.seed + index
     )
-    record: dict[str, Any] = {
-        "index": index,
-        "case_id": request.case_id,
-        "source": request.source,
-        "request": request_to_dict(request),
-        "pre": pre,
-    }
-    if opts.sequential:  # remember W0 before the first edit of each module
-        for layer in state.hp.layers:
-            name = loaded.names.rewrite(layer)
-            w = weight_as_out_in(loaded.model.get_submodule(name))
-            state.base_weights.setdefault(name, w.detach().float().clone())
+    record = _record(index, request) | {"pre": pre}
+    for layer in state.hp.layers:  # remember W0 before the first edit of each module
+        name = loaded.names.rewrite(layer)
+        w = weight_as_out_in(loaded.model.get_submodule(name))
+        state.base_weights.setdefault(name, w.detach().float().clone())
     result = edit(
         loaded.model,
         loaded.tok,
@@ -260,17 +257,105 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             seed=opts.seed + index,
         )
         record["post"] = post
-        state.patches.extend(result.patches)
-        save_edit_patches(state, index, result.patches)  # before the report line
-        if opts.sequential:
-            protect_edited_keys(result.patches, state.covariances, state.hp.protect_weight)
-            record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
-            if opts.probe_every and (index + 1) % opts.probe_every == 0:
-                record["probe_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
-        else:
-            result.revert(loaded.model)
+        _made(state, index, result.patches)
+        protect_edited_keys(result.patches, state.covariances, state.hp.protect_weight)
+        record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
+        if opts.probe_every and (index + 1) % opts.probe_every == 0:
+            record["probe_entropy"] = probe_entropy(loaded.model, loaded.tok, PROBE_PROMPTS)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def independent_records(
+    state: RunState, todo: Iterable[tuple[int, EditRequest]]
+) -> Iterator[dict[str, Any]]:
+    """Independent edits of ``todo`` ((index, request) pairs), ``opts.batch`` in flight
+    together (``edit_independent``); each is evaluated before and after on its own edited
+    model (``evaluate_edits``), nothing applied to the weights. Records come as edits finish,
+    which need not be in index order."""
+    loaded, opts = state.loaded, state.opts
+    index_of: dict[int, int] = {}  # id(request) -> its index, while it is in flight
+    started: dict[int, float] = {}
+
+    bad_input: list[RequestError] = []
+
+    def admitted() -> Iterator[EditRequest]:
+        try:
+            for index, request in todo:
+                index_of[id(request)] = index
+                started[index] = time.perf_counter()
+                yield request
+        except RequestError as err:  # read ahead: finish the edits before it, then stop
+            bad_input.append(err)
+
+    results = edit_independent(
+        loaded.model,
+        loaded.tok,
+        admitted(),
+        state.hp,
+        loaded.names,
+        state.covariances,
+        state.templates,
+        opts.max_update_ratio,
+        opts.batch,
+    )
+    finished: list[tuple[int, EditRequest, EditResult]] = []
+    for request, result in results:
+        finished.append((index_of.pop(id(request)), request, result))
+        if len(finished) >= opts.batch:  # evaluated together: one pass for the lot
+            yield from _evaluated(state, finished, started)
+            finished = []
+    yield from _evaluated(state, finished, started)
+    if bad_input:
+        raise bad_input[0]
+
+
+def _evaluated(
+    state: RunState,
+    finished: list[tuple[int, EditRequest, EditResult]],
+    started: dict[int, float],
+) -> Iterator[dict[str, Any]]:
+    loaded, opts = state.loaded, state.opts
+    made = [(i, r, res) for i, r, res in finished if res.status != "failed"]
+    metrics = evaluate_edits(
+        loaded.model,
+        loaded.tok,
+        [r for _, r, _ in made],
+        [res.patches for _, _, res in made],
+        fluency=opts.fluency,
+        seed=opts.seed,
+    )
+    pre_post = {i: m for (i, _, _), m in zip(made, metrics, strict=True)}
+    for index, request, result in finished:
+        record = _record(index, request)
+        if result.status == "failed":
+            state.failed += 1
+            record |= {"status": "failed", "reason": result.reason}
+        else:
+            pre, post = pre_post[index]
+            record |= {"pre": pre, "status": result.status, "reason": result.reason}
+            record["guard"] = guard_record(result)
+            if post is not None:
+                record["post"] = post
+                _made(state, index, result.patches)
+        record["seconds"] = round(time.perf_counter() - started.pop(index), 3)
+        yield record
+
+
+def _record(index: int, request: EditRequest) -> dict[str, Any]:
+    return {
+        "index": index,
+        "case_id": request.case_id,
+        "source": request.source,
+        "request": request_to_dict(request),
+    }
+
+
+def _made(state: RunState, index: int, patches: list[Patch]) -> None:
+    """An edit's patches: journalled now (before its report line), kept until its line is
+    written (``_write_in_order``)."""
+    save_edit_patches(state, index, patches)
+    state.unreported[index] = patches
 
 
 def guard_record(result: EditResult) -> dict[str, Any]:
@@ -333,7 +418,6 @@ def run_edits(
     records = list(previous)
     done = {r["index"] for r in previous}
     stdout = sys.stdout if opts.report == "-" else None
-    requests: list[EditRequest] = []
     progress = Progress(
         TextColumn("[bold]edits"),
         BarColumn(),
@@ -347,17 +431,27 @@ def run_edits(
     def warn(message: str) -> None:
         console.print(f"[yellow]{message}")
 
+    requests: list[EditRequest] = []  # every request read, for the retrospective
+
+    def todo() -> Iterator[tuple[int, EditRequest]]:
+        for index, request in enumerate(_requests(opts, warn)):
+            requests.append(request)
+            if index not in done:
+                yield index, request
+
+    if opts.sequential:
+        made = (_safe_edit(state, index, request, console) for index, request in todo())
+    else:
+        made = independent_records(state, todo())
     try:
         with report_path.open("a") as report, progress:
             task = progress.add_task("", total=opts.limit, completed=len(done))
-            for index, request in enumerate(_requests(opts, warn)):
-                requests.append(request)
-                if index in done:
-                    continue
-                progress.update(task, description=f"{request.text} -> {request.target_new}")
-                record = _safe_edit(state, index, request, console)
+            for record in _in_order(made, done):
+                state.patches.extend(state.unreported.pop(record["index"], []))
                 records.append(record)
                 _append(report, record, stdout)
+                request = record["request"]
+                progress.update(task, description=f"{request['prompt']} -> {request['target_new']}")
                 progress.advance(task)
                 if after_record:
                     after_record(record)
@@ -382,6 +476,22 @@ def run_edits(
         retro_view = {**retro_summary, "metrics": {"pre": {}, "post": summary["retrospective"]}}
         render_summary(retro_view, {"protocol": "retrospective (all edits applied)"}, console)
     return out, summary
+
+
+def _in_order(records: Iterable[dict[str, Any]], done: set[int]) -> Iterator[dict[str, Any]]:
+    """``records`` in index order, skipping the indices in ``done``: a record is held back
+    until every earlier index not done has come."""
+    held: dict[int, dict[str, Any]] = {}
+    next_index = 0
+    for record in records:
+        held[record["index"]] = record
+        while True:
+            while next_index in done:
+                next_index += 1
+            if next_index not in held:
+                break
+            yield held.pop(next_index)
+            next_index += 1
 
 
 def sequential_summary(
@@ -479,14 +589,7 @@ def _safe_edit(
     except (FloatingPointError, ValueError, RuntimeError) as err:
         state.failed += 1
         console.print(f"[red]request {index} ({request.source}) failed: {err}")
-        return {
-            "index": index,
-            "case_id": request.case_id,
-            "source": request.source,
-            "request": request_to_dict(request),
-            "status": "failed",
-            "reason": str(err),
-        }
+        return _record(index, request) | {"status": "failed", "reason": str(err)}
 
 
 def retrospective(

@@ -9,26 +9,35 @@ Variants (which key stands where; Gupta et al. 2024, "Rebuilding ROME"):
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rrome_cli.config import REALIZED, HParams
-from rrome_cli.engine.keys import keys_after_subject, keys_at, phrased, templated
+from rrome_cli.engine.keys import Templated, keys_after_subjects, keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
     Patch,
     apply_update,
-    left_vector,
+    left_vectors,
     restore_weight,
     right_vector,
 )
-from rrome_cli.engine.values import kl_prompt, optimise_delta
+from rrome_cli.engine.values import (
+    ValueBatch,
+    ValueJob,
+    ValueResult,
+    kl_prompt,
+    optimise_delta,
+    value_job,
+)
 from rrome_cli.models.families import ModuleNames, weight_as_out_in
 from rrome_cli.requests import EditRequest
 
@@ -65,7 +74,7 @@ class LayerEdit:
 
 @dataclass
 class EditResult:
-    status: str  # "applied" or "rejected"
+    status: str  # "applied", "rejected" or "failed"
     layers: list[LayerEdit]
     reason: str = ""
     # (module name, W before the edit) in the order applied, for an exact revert
@@ -123,6 +132,138 @@ def _keys_for_variant(
     return k_prompt, k_prompt  # p-rome
 
 
+@dataclass
+class Prepared:
+    """One request at one layer before its value is optimised: its prompts, keys and u."""
+
+    request: EditRequest
+    layer: int
+    module: str
+    prompts: list[Templated]  # prompts[0]: the bare prompt
+    phrasings: list[Templated]
+    keys: torch.Tensor  # (n_prompts + n_phrasings + 1, d_in): the KL prompt's last
+    k_star: torch.Tensor  # (d_in,) the templates' mean key (leaning to the bare one)
+    k_prompt: torch.Tensor  # (d_in,) the bare prompt's key
+    k_after: torch.Tensor  # (n_after, d_in) keys after the subject in "bare prompt + target"
+    k_ref: torch.Tensor  # (d_in,) the key of the residual and denominator (variant)
+    u: torch.Tensor  # (d_in,) the left vector
+    denominator: float
+    seconds: dict[str, float]
+
+    def scales(self, hp: HParams) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(row_scale, read) of ``optimise_delta`` under ``hp.v_realized_delta``."""
+        k_ref = self.k_ref.to(self.u.device)
+        realized = hp.v_realized_delta
+        row_scale = (self.keys.to(self.u.device) @ self.u) / (k_ref @ self.u) if realized else None
+        read = self.u / (k_ref @ self.u) if realized in REALIZED else None
+        return row_scale, read
+
+    def value_job(self, tok: PreTrainedTokenizerBase, hp: HParams, batch: ValueBatch) -> ValueJob:
+        """This request's value optimisation, delta at 0, tagged with this object."""
+        row_scale, read = self.scales(hp)
+        target, subject = self.request.target_new, self.request.subject
+        return value_job(
+            tok, self, self.prompts, target, subject, hp, batch.d_out, batch.device, row_scale,
+            self.phrasings, read,
+        )  # fmt: skip
+
+
+def prepare_layer(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hp: HParams,
+    names: ModuleNames,
+    layer: int,
+    cov: KeyCovariance,
+    templates: list[str],
+) -> list[Prepared]:
+    """Keys and left vectors of ``requests`` at ``layer``: one key pass and one solve for all."""
+    t0 = time.perf_counter()
+    module = names.rewrite(layer)
+    prompts = [[templated(tok, r, t) for t in templates] for r in requests]
+    # the relation's other phrasings: the value learns them, k* does not average them
+    phrasings = [
+        [phrased(tok, r.subject, p) for p in r.phrasings[: hp.max_phrasings]] for r in requests
+    ]
+    # keys of every prompt, phrasing and of the KL prompt: (n + 1, d_in) fp32 per request
+    groups = [
+        [*p, *ph, kl_prompt(tok, r.subject)]
+        for r, p, ph in zip(requests, prompts, phrasings, strict=True)
+    ]
+    keys = keys_at(model, tok, names, layer, [g for group in groups for g in group])
+    keys_each = keys.split([len(group) for group in groups])
+    # (n_after, d_in): where "bare prompt + target" reads the new fact out, kept for protection
+    after = keys_after_subjects(
+        model,
+        tok,
+        names,
+        layer,
+        [(p[0], r.target_new) for r, p in zip(requests, prompts, strict=True)],
+    )
+    k_stars = [mean_key(cov, k[: len(templates)], hp.k_bare_min) for k in keys_each]
+    lefts = [
+        _keys_for_variant(k_star, k[0], hp.variant)
+        for k_star, k in zip(k_stars, keys_each, strict=True)
+    ]
+    t1 = time.perf_counter()
+    u, denominators = left_vectors(cov, torch.stack([k_left for k_left, _ in lefts]))  # (n, d_in)
+    t2 = time.perf_counter()
+    n = len(requests)
+    seconds = {"keys": (t1 - t0) / n, "solve": (t2 - t1) / n}
+    return [
+        Prepared(
+            r,
+            layer,
+            module,
+            prompts[i],
+            phrasings[i],
+            keys_each[i],
+            k_stars[i],
+            keys_each[i][0],
+            after[i],
+            lefts[i][1],
+            u[i],
+            denominators[i],
+            dict(seconds),
+        )  # fmt: skip
+        for i, r in enumerate(requests)
+    ]
+
+
+def finish_layer(model: PreTrainedModel, prepared: Prepared, value: ValueResult) -> LayerEdit:
+    """The patch of ``prepared`` once its value is found, with the guardrail figures."""
+    p = prepared
+    w = weight_as_out_in(model.get_submodule(p.module))
+    t0 = time.perf_counter()
+    k_ref = p.k_ref.to(p.u.device)
+    right = right_vector(value.delta, k_ref, p.u)  # (d_out,)
+    request = p.request
+    request_name = str(request.source if request.case_id is None else request.case_id)
+    # where the edit writes and where it is read: what a protected sequential run keeps
+    written_read = torch.cat([torch.stack([p.k_star, p.k_prompt]), p.k_after]).to(p.u.device)
+    patch = Patch(p.layer, p.module, p.u, right, str(w.dtype), request_name, written_read)
+    solve = p.seconds["solve"] + time.perf_counter() - t0
+    return LayerEdit(
+        layer=p.layer,
+        module=p.module,
+        patch=patch,
+        denominator=p.denominator,
+        divisor=float(k_ref @ p.u),
+        update_ratio=float(right.norm() * p.u.norm() / w.detach().float().norm()),
+        delta_ratio=float(value.delta.norm() / value.z.norm()),
+        loss=value.loss,
+        target_prob=value.target_prob,
+        steps=value.steps,
+        seconds={
+            "keys": p.seconds["keys"],
+            "values": value.seconds,
+            "solve": solve,
+            "step": statistics.median(value.step_seconds) if value.step_seconds else 0.0,
+        },
+    )
+
+
 def edit_layer(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -134,53 +275,100 @@ def edit_layer(
     templates: list[str],
 ) -> LayerEdit:
     """Compute (but do not apply) the rank-one update of W at ``layer`` for ``request``."""
-    module_name = names.rewrite(layer)
-    w = weight_as_out_in(model.get_submodule(module_name))
-    t0 = time.perf_counter()
-    prompts = [templated(tok, request, t) for t in templates]  # prompts[0]: the bare prompt
-    # the relation's other phrasings: the value learns them, k* does not average them
-    phrasings = [phrased(tok, request.subject, p) for p in request.phrasings[: hp.max_phrasings]]
-    # keys of every prompt, phrasing and of the KL prompt: (n + 1, d_in) fp32
-    kl = kl_prompt(tok, request.subject)
-    keys = keys_at(model, tok, names, layer, [*prompts, *phrasings, kl])
-    k_star, k_prompt = mean_key(cov, keys[: len(prompts)], hp.k_bare_min), keys[0]
-    # (n_after, d_in): where "bare prompt + target" reads the new fact out, kept for protection
-    k_after = keys_after_subject(model, tok, names, layer, prompts[0], request.target_new)
-    k_left, k_ref = _keys_for_variant(k_star, k_prompt, hp.variant)
-    t1 = time.perf_counter()
-    u, denominator = left_vector(cov, k_left)  # (d_in,)
-    row_scale = (keys @ u) / (k_ref @ u) if hp.v_realized_delta else None
-    read = u / (k_ref @ u) if hp.v_realized_delta in REALIZED else None
-    t2 = time.perf_counter()
+    (prepared,) = prepare_layer(model, tok, [request], hp, names, layer, cov, templates)
+    row_scale, read = prepared.scales(hp)
     value = optimise_delta(
-        model, tok, names, layer, prompts, request.target_new, request.subject, hp, row_scale,
-        phrasings, read,
+        model, tok, names, layer, prepared.prompts, request.target_new, request.subject, hp,
+        row_scale, prepared.phrasings, read,
     )  # fmt: skip
-    t3 = time.perf_counter()
-    right = right_vector(value.delta, k_ref.to(u.device), u)  # (d_out,)
-    t4 = time.perf_counter()
-    request_name = str(request.source if request.case_id is None else request.case_id)
-    # where the edit writes and where it is read: what a protected sequential run keeps
-    written_read = torch.cat([torch.stack([k_star, k_prompt]), k_after]).to(u.device)
-    patch = Patch(layer, module_name, u, right, str(w.dtype), request_name, written_read)
-    return LayerEdit(
-        layer=layer,
-        module=module_name,
-        patch=patch,
-        denominator=denominator,
-        divisor=float(k_ref.to(u.device) @ u),
-        update_ratio=float(right.norm() * u.norm() / w.detach().float().norm()),
-        delta_ratio=float(value.delta.norm() / value.z.norm()),
-        loss=value.loss,
-        target_prob=value.target_prob,
-        steps=value.steps,
-        seconds={
-            "keys": t1 - t0,
-            "values": t3 - t2,
-            "solve": (t2 - t1) + (t4 - t3),
-            "step": statistics.median(value.step_seconds) if value.step_seconds else 0.0,
-        },
-    )
+    return finish_layer(model, prepared, value)
+
+
+def edit_independent(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: Iterable[EditRequest],
+    hparams: HParams,
+    names: ModuleNames,
+    covariances: dict[int, KeyCovariance] | None = None,
+    templates: list[str] | None = None,
+    max_update_ratio: float | None = None,
+    batch: int = 1,
+) -> Iterator[tuple[EditRequest, EditResult]]:
+    """Independent edits of ``requests``, up to ``batch`` in flight (a one-layer recipe)
+    together (continuous batching: a request that stops makes room for the next). Nothing is
+    applied to ``model``: each result holds its patch, made against the unedited model.
+    Yields (request, result) as each finishes, which need not be in the requests' order; a
+    request that fails is yielded with status "failed" and the error as its reason."""
+    if templates is None:
+        templates = generate_templates(model, tok, hparams.context_template_length_params)
+    if len(hparams.layers) > 1:  # each layer's keys depend on the edits below it: one by one
+        if batch > 1:
+            raise ValueError(f"batched editing needs a one-layer recipe; layers: {hparams.layers}")
+        for request in requests:
+            try:
+                result = edit(
+                    model, tok, request, hparams, names, covariances, templates, max_update_ratio
+                )
+            except (FloatingPointError, ValueError, RuntimeError) as err:
+                yield request, _failed(err)
+                continue
+            result.revert(model)
+            yield request, result
+        return
+    (layer,) = hparams.layers
+    cov = _covariance(hparams, covariances, layer)
+    values = ValueBatch(model, names, layer, hparams)
+    queue = iter(requests)
+    while True:
+        joining = list(itertools.islice(queue, batch - len(values)))
+        yield from _join(model, tok, joining, hparams, names, layer, cov, templates, values)
+        if not values:
+            return
+        try:
+            finished = values.step()
+        except (FloatingPointError, ValueError, RuntimeError) as err:  # every job in flight
+            finished = []
+            for job in values.clear():
+                yield job.tag.request, _failed(err)  # type: ignore[attr-defined]
+        for job in finished:
+            prepared: Prepared = job.tag  # type: ignore[assignment]
+            layer_edit = finish_layer(model, prepared, job.result())
+            reason = _reject_reason(layer_edit, max_update_ratio)
+            status = "rejected" if reason else "applied"
+            yield prepared.request, EditResult(status=status, layers=[layer_edit], reason=reason)
+
+
+def _join(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    joining: list[EditRequest],
+    hp: HParams,
+    names: ModuleNames,
+    layer: int,
+    cov: KeyCovariance,
+    templates: list[str],
+    values: ValueBatch,
+) -> Iterator[tuple[EditRequest, EditResult]]:
+    """Prepare ``joining`` (together; one at a time if that fails, to name the request that
+    did) and add them to ``values``; yields the requests that failed."""
+    if not joining:
+        return
+    try:
+        prepared = prepare_layer(model, tok, joining, hp, names, layer, cov, templates)
+    except (FloatingPointError, ValueError, RuntimeError) as err:
+        if len(joining) == 1:
+            yield joining[0], _failed(err)
+            return
+        for request in joining:
+            yield from _join(model, tok, [request], hp, names, layer, cov, templates, values)
+        return
+    for p in prepared:
+        values.add(p.value_job(tok, hp, values))
+
+
+def _failed(err: Exception) -> EditResult:
+    return EditResult(status="failed", layers=[], reason=str(err))
 
 
 def edit(

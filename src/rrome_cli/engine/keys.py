@@ -86,7 +86,6 @@ def keys_at(
     return k_all[rows, cols].float().to(w_device)
 
 
-@torch.no_grad()
 def keys_after_subject(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -99,9 +98,28 @@ def keys_after_subject(
     evaluation feeds it (teacher forcing: the target's last token is not fed): the relation
     (" writes in") and the target's own tokens, where the new fact is read out. (n_after, d_in)
     fp32 on W's device; (0, d_in) when the subject is the last token fed."""
-    full = encode_pair(tok, prompt.text, target, special_prefix(tok))
-    subject_last = full.subject_last(prompt.subject_end)
-    ids, mask = right_padded([full.input_ids[:-1]], pad_id(tok), input_device(model))
+    return keys_after_subjects(model, tok, names, layer, [(prompt, target)])[0]
+
+
+@torch.no_grad()
+def keys_after_subjects(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    layer: int,
+    pairs: list[tuple[Templated, str]],
+) -> list[torch.Tensor]:
+    """``keys_after_subject`` for each (prompt, target), in one right-padded forward."""
+    prefix = special_prefix(tok)
+    fed, firsts = [], []
+    for prompt, target in pairs:
+        full = encode_pair(tok, prompt.text, target, prefix)
+        fed.append(full.input_ids[:-1])
+        firsts.append(full.subject_last(prompt.subject_end) + 1)
+    ids, mask = right_padded(fed, pad_id(tok), input_device(model))
     k_all = _w_inputs(model, names, layer, ids, mask)
     w_device = execution_device(model.get_submodule(names.rewrite(layer)))
-    return k_all[0, subject_last + 1 :].float().to(w_device)
+    return [
+        k_all[i, first : len(row)].float().to(w_device)
+        for i, (first, row) in enumerate(zip(firsts, fed, strict=True))
+    ]

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -65,14 +69,15 @@ class KeyCovariance:
         self.c_inv_protected.append(self._solve_base(row.float()).double())
 
     def _solve_base(self, k: torch.Tensor) -> torch.Tensor:
-        """(C + lambda I)^-1 k, fp32."""
+        """(C + lambda I)^-1 k for k of shape (d_in,) or (n, d_in), fp32."""
         if self.identity:
             return k.clone()
         factor = self.factor.to(k.device)
-        return torch.cholesky_solve(k[:, None], factor)[:, 0]
+        return torch.cholesky_solve(k.reshape(-1, k.shape[-1]).T, factor).T.reshape(k.shape)
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
-        """C^-1 k for k of shape (d_in,), fp32 (C with any protected keys)."""
+        """C^-1 k for k of shape (d_in,) or (n, d_in) (one solve for every row), fp32 (C with
+        any protected keys)."""
         x = self._solve_base(k)
         if not self.protected:
             return x
@@ -81,14 +86,23 @@ class KeyCovariance:
         p = torch.stack(self.protected).to(k.device)  # (n, d_in)
         z = torch.stack(self.c_inv_protected).to(k.device)  # (n, d_in)
         inner = torch.eye(len(p), dtype=p.dtype, device=p.device) + p @ z.T  # (n, n)
-        y = torch.linalg.solve(inner, p @ x.double())  # (n,)
-        return (x.double() - z.T @ y).float()
+        xs = x.reshape(-1, x.shape[-1]).double()  # (m, d_in)
+        y = torch.linalg.solve(inner, p @ xs.T)  # (n, m)
+        return (xs - (z.T @ y).T).float().reshape(x.shape)
 
 
 def left_vector(cov: KeyCovariance, k_star: torch.Tensor) -> tuple[torch.Tensor, float]:
     """u = C^-1 k* / ||C^-1 k*|| and the denominator k*^T C^-1 k* (a guardrail figure)."""
-    c_inv_k = cov.solve(k_star)
-    return c_inv_k / c_inv_k.norm(), float(k_star @ c_inv_k)
+    u, denominators = left_vectors(cov, k_star[None])
+    return u[0], denominators[0]
+
+
+def left_vectors(cov: KeyCovariance, k_stars: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """``left_vector`` for each row of ``k_stars`` (n, d_in), in one solve: (n, d_in) and n
+    denominators."""
+    c_inv_k = cov.solve(k_stars)
+    denominators = (k_stars * c_inv_k).sum(-1)
+    return c_inv_k / c_inv_k.norm(dim=-1, keepdim=True), denominators.tolist()
 
 
 def right_vector(delta: torch.Tensor, k_ref: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -204,3 +218,44 @@ def check_patches_fit(model: nn.Module, patches: list[Patch], path: Path) -> Non
         if shape != (patch.right.numel(), patch.left.numel()):
             made = (patch.right.numel(), patch.left.numel())
             raise PatchFileError(f"{which}: made for W of {made}, this model's is {shape}")
+
+
+@contextmanager
+def rows_patched(model: nn.Module, row_patches: Sequence[Sequence[Patch]]) -> Iterator[None]:
+    """Forwards in which row b of the batch runs on the model that ``apply_patch`` of each of
+    ``row_patches[b]`` would make (the same weights, bit for bit), while the weights stay as
+    they are: N edited models in one pass. Rows with no patches run on the model as is."""
+    handles = []
+    for name in sorted({p.module for patches in row_patches for p in patches}):
+        groups: dict[tuple[int, ...], list[int]] = {}  # the row's patches here -> its rows
+        for row, patches in enumerate(row_patches):
+            own = tuple(i for i, p in enumerate(patches) if p.module == name)
+            if own:
+                groups.setdefault(tuple((row, i) for i in own), []).append(row)
+        edits = [([row_patches[r][i] for r, i in key], rows) for key, rows in groups.items()]
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_hook(_patched_rows_hook(edits)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _patched_rows_hook(edits: list[tuple[list[Patch], list[int]]]) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        x, out = args[0], out.clone()
+        for patches, rows in edits:
+            w = weight_as_out_in(module).detach()
+            for p in patches:  # as apply_update makes it: each edit cast to W's dtype in turn
+                w = (w.float() + p.delta_w(w.device)).to(w.dtype)
+            at = torch.tensor(rows, device=x.device)
+            out[at] = _linear(module, w, x[at])
+        return out
+
+    return hook
+
+
+def _linear(module: nn.Module, w_out_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward (an nn.Linear or GPT-2's Conv1D) with W replaced by ``w_out_in``."""
+    return F.linear(x, w_out_in, module.bias)

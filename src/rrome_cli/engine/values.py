@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -299,6 +299,157 @@ class PackedPass:
         return F.log_softmax(logits, dim=-1)
 
 
+@dataclass
+class ValueJob:
+    """One request's value optimisation while it is in flight: its rows, how delta reaches
+    them, its own delta and Adam state. ``tag``: the caller's name for it (e.g. its index)."""
+
+    tag: object
+    rows: list[Row]  # the rewriting rows (bare prompt first), then the KL row
+    scale: torch.Tensor  # (len(rows),) delta's share at each row's subject's last token
+    read: torch.Tensor | None  # (d_in,) u / (u . k_ref) under v_realized_delta, else None
+    delta: torch.Tensor  # (d_out,) fp32 leaf on the MLP's device
+    opt: torch.optim.Optimizer
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    step_times: list[float] = field(default_factory=list)
+    kl_ref: torch.Tensor | None = None  # (1, vocab) after the KL prompt at delta = 0
+    z: torch.Tensor | None = None  # (d_out,) the unedited MLP output, bare prompt's subject
+    max_norm: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # of the job's last pass
+    nll_each: torch.Tensor | None = None  # (n_rewrite,) of the job's last pass
+
+    def result(self) -> ValueResult:
+        assert self.loss is not None and self.nll_each is not None and self.z is not None
+        return ValueResult(
+            self.delta.detach(),
+            self.z,
+            self.loss.item(),
+            self.nll_each.mean().item(),
+            torch.exp(-self.nll_each).mean().item(),
+            self.steps,
+            time.perf_counter() - self.started,
+            self.step_times,
+        )
+
+
+def value_job(
+    tok: PreTrainedTokenizerBase,
+    tag: object,
+    prompts: list[Templated],
+    target: str,
+    subject: str,
+    hp: HParams,
+    d_out: int,
+    device: torch.device,
+    row_scale: torch.Tensor | None = None,
+    phrasings: list[Templated] | None = None,
+    read: torch.Tensor | None = None,
+) -> ValueJob:
+    """A job for ``optimise_delta``'s arguments (see there), delta at 0."""
+    rows = [
+        prompt_row(tok, p, target, whole=hp.v_realized_delta == "bare" and i == 0)
+        for i, p in enumerate(prompts)
+    ]
+    rows += [prompt_row(tok, p, target) for p in phrasings or []]
+    rows.append(kl_row(tok, subject))  # the last row
+    scale = torch.ones(len(rows)) if row_scale is None else row_scale.float().cpu()
+    delta = torch.zeros(d_out, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(0.9, hp.v_adam_beta2))
+    return ValueJob(tag, rows, scale, None if read is None else read.float(), delta, opt)
+
+
+class ValueBatch:
+    """Value optimisations of independent requests in flight together (continuous batching).
+
+    Every live job's rows go through one packed forward/backward a step; a row sees only its
+    own prefix and tokens, and carries only its own job's delta, so the summed loss gives each
+    delta exactly its own gradient, and each job keeps its own Adam state and stop test. A job
+    leaves when it stops; ``add`` brings in the next. A batch of one is ``optimise_delta``.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, names: ModuleNames, layer: int, hp: HParams
+    ) -> None:
+        self.model, self.hp = model, hp
+        self.mlp = model.get_submodule(names.mlp(layer))
+        self.rewrite = model.get_submodule(names.rewrite(layer))
+        self.device = execution_device(self.rewrite)
+        self.d_out = weight_as_out_in(self.rewrite).shape[0]
+        self.blocks_below = [names.layer(i) for i in range(layer)]
+        self.jobs: list[ValueJob] = []
+        self._pass: tuple[PackedPass, DeltaSite, Readout] | None = None  # for these jobs
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, job: ValueJob) -> None:
+        self.jobs.append(job)
+        self._pass = None  # another set of rows: lay them out again
+
+    def clear(self) -> list[ValueJob]:
+        """Drop every job in flight (after a failed step); returns them."""
+        jobs, self.jobs, self._pass = self.jobs, [], None
+        return jobs
+
+    def step(self) -> list[ValueJob]:
+        """One forward over every live job, the stop tests, one backward and each live job's
+        Adam step; returns the jobs that finished (stopped, or out of steps), now removed."""
+        t_step = time.perf_counter()
+        if self._pass is None:
+            self._pass = self._lay_out()
+        packed, site, readout = self._pass
+        with frozen(self.model):
+            hidden = site.forward(packed, self.mlp, self.rewrite, self._deltas())
+            nll_rows, kl_log_probs = readout.read(packed, hidden)
+            done, live, total = [], [], None
+            for j, job in enumerate(self.jobs):
+                if job.kl_ref is None:  # its first pass, at delta = 0: the unedited model
+                    job.kl_ref = kl_log_probs[j : j + 1].detach()
+                    job.z = site.z[j]
+                    job.max_norm = self.hp.clamp_norm_factor * job.z.norm()
+                job.nll_each = nll_rows[readout.rows_of[j]]
+                job.loss = _value_loss(
+                    job.nll_each, kl_log_probs[j : j + 1], job.kl_ref, job.delta, job.z, self.hp
+                )
+                if _reached(job.loss, job.nll_each, self.hp):
+                    done.append(job)
+                else:
+                    live.append(job)
+                    total = job.loss if total is None else total + job.loss
+            if total is not None:
+                for job in live:
+                    job.opt.zero_grad()
+                total.backward()
+        for job in live:
+            job.opt.step()
+            job.steps += 1
+            with torch.no_grad():
+                if job.delta.norm() > job.max_norm:
+                    job.delta.mul_(job.max_norm / job.delta.norm())
+            job.step_times.append(time.perf_counter() - t_step)
+            if job.steps >= self.hp.v_num_grad_steps:
+                done.append(job)
+        for job in live + done:
+            job.nll_each = job.nll_each.detach()
+            job.loss = job.loss.detach()
+        if done:
+            self.jobs = [job for job in self.jobs if all(job is not d for d in done)]
+            self._pass = None
+        return done
+
+    def _deltas(self) -> torch.Tensor:
+        return torch.stack([job.delta for job in self.jobs])  # (jobs, d_out)
+
+    def _lay_out(self) -> tuple[PackedPass, DeltaSite, Readout]:
+        rows = [r for job in self.jobs for r in job.rows]
+        packed = PackedPass(self.model, rows, self.blocks_below)
+        parts = [(job.rows, job.scale, job.read) for job in self.jobs]
+        site = delta_site_of(packed, parts, self.hp.v_realized_delta)
+        site.to(self.device)
+        return packed, site, Readout.of_jobs(packed, [job.rows for job in self.jobs])
+
+
 def optimise_delta(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -325,58 +476,17 @@ def optimise_delta(
     or at every position of the bare prompt, run whole, uncached (``bare``: its loss and stop
     test read the edited model itself; the other rows as under true).
     """
-    start = time.perf_counter()
-    phrasings = phrasings or []
-    mlp, rewrite = model.get_submodule(names.mlp(layer)), model.get_submodule(names.rewrite(layer))
-    mlp_device = execution_device(rewrite)
-    mode = hp.v_realized_delta
-    rows = [
-        prompt_row(tok, p, target, whole=mode == "bare" and i == 0) for i, p in enumerate(prompts)
-    ]
-    rows += [prompt_row(tok, p, target) for p in phrasings]
-    rows.append(kl_row(tok, subject))  # the last row
-    scale = torch.ones(len(rows)) if row_scale is None else row_scale
-
-    with frozen(model):
-        packed = PackedPass(model, rows, [names.layer(i) for i in range(layer)])
-        site = delta_site(packed, rows, scale, read, mode)
-        site.to(mlp_device)
-        readout = Readout.of(packed, rows)
-        d_out = weight_as_out_in(rewrite).shape[0]
-        delta = torch.zeros(d_out, device=mlp_device, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(0.9, hp.v_adam_beta2))
-        steps, step_times = 0, []
-        for _ in range(hp.v_num_grad_steps):
-            t_step = time.perf_counter()
-            hidden = site.forward(packed, mlp, rewrite, delta)
-            nll_each, kl_log_probs = readout.read(packed, hidden)
-            if steps == 0:
-                # delta is still 0: this pass is the unedited model, the KL reference and z
-                kl_ref = kl_log_probs.detach()
-                z = site.z  # (d_out,) bare prompt, subject's last token
-                max_norm = hp.clamp_norm_factor * z.norm()
-            loss = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, hp)
-            if _reached(loss, nll_each, hp):
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-            step_times.append(time.perf_counter() - t_step)
-    probs = torch.exp(-nll_each)
-    return ValueResult(
-        delta.detach(),
-        z,
-        loss.item(),
-        nll_each.mean().item(),
-        probs.mean().item(),
-        steps,
-        time.perf_counter() - start,
-        step_times,
+    batch = ValueBatch(model, names, layer, hp)
+    batch.add(
+        value_job(
+            tok, None, prompts, target, subject, hp, batch.d_out, batch.device, row_scale,
+            phrasings, read,
+        )  # fmt: skip
     )
+    while True:
+        done = batch.step()
+        if done:
+            return done[0].result()
 
 
 @dataclass
@@ -384,34 +494,42 @@ class DeltaSite:
     """Where delta joins the MLP output at the edited layer, and how much of it, per slot of
     the packed pass: ``fixed`` (a row's scale at its subject's last token) plus, at the slots
     in ``reads``, (read . k) with k the rewritten module's input there, taken on the first
-    pass (delta never reaches it)."""
+    pass (delta never reaches it). Each slot carries its ``owner`` job's delta."""
 
     fixed: torch.Tensor  # (N,) fp32
     reads: torch.Tensor  # (N,) bool
-    read: torch.Tensor | None  # (d_in,) u / (u . k_ref)
-    z_slot: int  # the bare prompt's subject's last token
+    read: torch.Tensor | None  # (jobs, d_in) each job's u / (u . k_ref); None: no job reads
+    z_slots: torch.Tensor  # (jobs,) each job's bare prompt's subject's last token
+    owner: torch.Tensor  # (N,) the job whose delta a slot carries (0 where its share is 0)
     share: torch.Tensor | None = None  # (N, 1) fp32 once known
-    z: torch.Tensor | None = None  # (d_out,) the unedited MLP output at z_slot
+    z: torch.Tensor | None = None  # (jobs, d_out) the unedited MLP output at z_slots
 
     def to(self, device: torch.device) -> None:
         self.fixed, self.reads = self.fixed.to(device), self.reads.to(device)
+        self.owner = self.owner.to(device)
         self.read = None if self.read is None else self.read.to(device, torch.float32)
 
     def forward(
-        self, packed: PackedPass, mlp: nn.Module, rewrite: nn.Module, delta: torch.Tensor
+        self, packed: PackedPass, mlp: nn.Module, rewrite: nn.Module, deltas: torch.Tensor
     ) -> torch.Tensor:
-        """One pass with ``share * delta`` added: the final hidden states (N, d)."""
+        """One pass with each slot's ``share * delta`` of its owner added: the final hidden
+        states (N, d). ``deltas``: (jobs, d_out), or (d_out,) for one job."""
+        deltas = deltas.view(-1, deltas.shape[-1])
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:  # (lines, width, d), model's dtype
-            if self.z is None:  # the first pass runs at delta = 0: the unedited output
-                self.z = out.flatten(0, 1)[self.z_slot].detach().float().to(delta.device)
+            if self.z is None:  # the MLP output does not depend on delta: the unedited one
+                flat = out.flatten(0, 1)
+                self.z = flat[self.z_slots.to(flat.device)].detach().float().to(deltas.device)
             if self.share is None:
                 self.share = self.fixed[:, None]
-            return out + (self.share * delta).view(out.shape).to(out.dtype)
+            added = self.share * deltas[self.owner] if len(deltas) > 1 else self.share * deltas
+            return out + added.view(out.shape).to(out.dtype)
 
         def keep_share(keys: torch.Tensor) -> None:  # (lines, width, d_in)
+            assert self.read is not None
             k = keys.detach().flatten(0, 1).float().to(self.read.device)
-            self.share = (self.fixed + self.reads * (k @ self.read))[:, None]
+            along = (k * self.read[self.owner]).sum(-1) if len(self.read) > 1 else k @ self.read[0]
+            self.share = (self.fixed + self.reads * along)[:, None]
 
         with ExitStack() as stack:
             if self.read is not None and self.share is None:
@@ -427,16 +545,39 @@ def delta_site(
     read: torch.Tensor | None,
     mode: object,
 ) -> DeltaSite:
-    """The share of delta per slot for ``v_realized_delta`` ``mode``; ``scale``: per row."""
+    """The share of delta per slot for ``v_realized_delta`` ``mode``, for one job's ``rows``;
+    ``scale``: per row."""
+    return delta_site_of(packed, [(rows, scale, read)], mode)
+
+
+def delta_site_of(
+    packed: PackedPass,
+    jobs: list[tuple[list[Row], torch.Tensor, torch.Tensor | None]],
+    mode: object,
+) -> DeltaSite:
+    """The share of delta per slot for ``jobs`` (each: rows, scale per row, read), whose rows
+    ``packed`` holds in job order."""
     n = packed.shape[0] * packed.shape[1]
     fixed, reads = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        at = _read_positions(r, i, mode) if read is not None else []
-        if at:
-            reads[[packed.slot(i, j) for j in at]] = True
-        else:
-            fixed[packed.slot(i, r.subject)] = float(scale[i])
-    return DeltaSite(fixed, reads, read, packed.slot(0, rows[0].subject))
+    owner = torch.zeros(n, dtype=torch.long)
+    z_slots, i = [], 0  # i: the row's index in the packed pass
+    for j, (rows, scale, read) in enumerate(jobs):
+        z_slots.append(packed.slot(i, rows[0].subject))
+        for local, r in enumerate(rows):
+            at = _read_positions(r, local, mode) if read is not None else []
+            slots = [packed.slot(i, p) for p in at] if at else [packed.slot(i, r.subject)]
+            owner[slots] = j
+            if at:
+                reads[slots] = True
+            else:
+                fixed[slots] = float(scale[local])
+            i += 1
+    reading = [read for _, _, read in jobs if read is not None]
+    stacked = None
+    if reading:
+        zero = torch.zeros(reading[0].shape[0])
+        stacked = torch.stack([zero if read is None else read.cpu() for _, _, read in jobs])
+    return DeltaSite(fixed, reads, stacked, torch.tensor(z_slots), owner)
 
 
 def _read_positions(row: Row, i: int, mode: object) -> list[int]:
@@ -451,40 +592,58 @@ def _read_positions(row: Row, i: int, mode: object) -> list[int]:
     return []
 
 
+
+
 @dataclass
 class Readout:
-    """What the loss reads from a pass: the target tokens' slots, and the KL slot (the last)."""
+    """What the loss reads from a pass: the target tokens' slots, then each job's KL slot."""
 
-    slots: torch.Tensor  # (T + 1,)
+    slots: torch.Tensor  # (T + jobs,)
     target_ids: torch.Tensor  # (T,)
-    owner: torch.Tensor  # (T,) which rewriting row each target token belongs to
-    n_rewrite: int
+    owner: torch.Tensor  # (T,) which rewriting row (over all jobs) each target token is of
+    n_rewrite: int  # rewriting rows over all jobs
+    rows_of: list[slice]  # each job's rewriting rows in the (n_rewrite,) NLL
 
     @classmethod
     def of(cls, packed: PackedPass, rows: list[Row]) -> Readout:
-        *rewrite, kl = rows
-        at = [(i, packed.slot(i, j), t) for i, r in enumerate(rewrite) for j, t in r.targets]
-        slots = [s for _, s, _ in at] + [packed.slot(len(rewrite), kl.subject)]
+        """For one job's ``rows`` (the KL row last)."""
+        return cls.of_jobs(packed, [rows])
+
+    @classmethod
+    def of_jobs(cls, packed: PackedPass, jobs: list[list[Row]]) -> Readout:
+        """For several jobs' rows, packed in this order, each job's KL row its last."""
+        at, kl_slots, rows_of = [], [], []
+        i = n_rewrite = 0  # i: row index in the pass; n_rewrite: rewriting rows so far
+        for rows in jobs:
+            *rewrite, kl = rows
+            for r in rewrite:
+                at += [(n_rewrite, packed.slot(i, j), t) for j, t in r.targets]
+                i, n_rewrite = i + 1, n_rewrite + 1
+            kl_slots.append(packed.slot(i, kl.subject))
+            i += 1
+            rows_of.append(slice(n_rewrite - len(rewrite), n_rewrite))
         return cls(
-            torch.tensor(slots),
+            torch.tensor([s for _, s, _ in at] + kl_slots),
             torch.tensor([t for _, _, t in at]),
-            torch.tensor([i for i, _, _ in at]),
-            len(rewrite),
+            torch.tensor([r for r, _, _ in at]),
+            n_rewrite,
+            rows_of,
         )
 
     def read(self, packed: PackedPass, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean NLL of the target per rewriting row, the bare prompt first; the log-probs
-        after the KL prompt's subject, (1, vocab)). Every slot goes through the head in one
-        call: its matmul, too, is bound by reading the (vocab, d) weight."""
+        """(mean NLL of the target per rewriting row, each job's bare prompt first; the
+        log-probs after each job's KL prompt's subject, (jobs, vocab)). Every slot goes through
+        the head in one call: its matmul, too, is bound by reading the (vocab, d) weight."""
         log_probs = packed.log_probs(hidden[self.slots.to(hidden.device)])
         device = log_probs.device
-        logp = log_probs[:-1].gather(1, self.target_ids.to(device)[:, None])[:, 0]
+        n_targets = len(self.target_ids)
+        logp = log_probs[:n_targets].gather(1, self.target_ids.to(device)[:, None])[:, 0]
         owner = self.owner.to(device)
         total = torch.zeros(self.n_rewrite, device=device).index_add(0, owner, -logp)
         count = torch.zeros(self.n_rewrite, device=device).index_add(
             0, owner, torch.ones_like(logp)
         )
-        return total / count, log_probs[-1:]
+        return total / count, log_probs[n_targets:]
 
 
 def _value_loss(

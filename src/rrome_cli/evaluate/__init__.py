@@ -13,7 +13,12 @@ from rrome_cli.evaluate.fluency import (
     probe_entropy,
 )
 from rrome_cli.evaluate.html_report import render_html, write_html
-from rrome_cli.evaluate.metrics import Reference, evaluate_request, evaluate_requests
+from rrome_cli.evaluate.metrics import (
+    Reference,
+    evaluate_edits,
+    evaluate_request,
+    evaluate_requests,
+)
 from rrome_cli.evaluate.summary import bootstrap_interval, render_summary, summarise
 from rrome_cli.evaluate.tokens import AnswerScore, score_answers
 
@@ -23,6 +28,7 @@ __all__ = [
     "Reference",
     "bootstrap_interval",
     "collapse_signals",
+    "evaluate_edits",
     "evaluate_request",
     "evaluate_requests",
     "first_collapse",

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rrome_cli.engine.update import Patch, rows_patched
 from rrome_cli.evaluate import counterfact
 from rrome_cli.evaluate.fluency import generate, n_gram_entropy
 from rrome_cli.evaluate.tokens import AnswerScore, PaddingSide, score_answers
@@ -169,12 +170,66 @@ def evaluate_requests(
         at += len(request_pairs)
         results.append(_request_metrics(request, request_pairs, own, reference))
     if fluency:
-        for first in range(0, len(requests), batch_size):
-            chunk = requests[first : first + batch_size]
-            texts = generate(model, tok, [r.text for r in chunk], max_new_tokens, seed, sample)
-            for (metrics, _), text in zip(results[first : first + batch_size], texts, strict=True):
-                metrics["fluency"] = n_gram_entropy([text])
+        unedited = [[] for _ in requests]
+        texts = _generations(model, tok, requests, unedited, seed, max_new_tokens, sample)
+        for (metrics, _), text in zip(results, texts, strict=True):
+            metrics["fluency"] = n_gram_entropy([text])
     return results
+
+
+def evaluate_edits(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    patches: Sequence[Sequence[Patch]],
+    fluency: bool = False,
+    seed: int = 0,
+) -> list[tuple[dict[str, float], dict[str, float] | None]]:
+    """(pre, post) metrics of independent edits, the weights untouched: "pre" on the model as
+    it is, "post" on the model with the request's own ``patches`` (None where it has none),
+    locality against its pre. Every sequence of both goes through the same batched passes."""
+    edited = [i for i, own in enumerate(patches) if own]
+    both = [*requests, *(requests[i] for i in edited)]
+    row_patches = [*([] for _ in requests), *(patches[i] for i in edited)]
+    pairs = [_pairs(r) for r in both]
+    flat = [(p, a) for request_pairs in pairs for _, p, a in request_pairs]
+    owners = [row_patches[i] for i, request_pairs in enumerate(pairs) for _ in request_pairs]
+    scores = score_answers(model, tok, flat, patches=owners)
+    pre, post, at = [], {}, 0
+    for n, (request, request_pairs) in enumerate(zip(both, pairs, strict=True)):
+        own = scores[at : at + len(request_pairs)]
+        at += len(request_pairs)
+        if n < len(requests):
+            pre.append(_request_metrics(request, request_pairs, own, None))
+        else:
+            i = edited[n - len(requests)]
+            post[i] = _request_metrics(request, request_pairs, own, pre[i][1])[0]
+    if fluency:
+        texts = _generations(model, tok, both, row_patches, seed)
+        for n, text in enumerate(texts):
+            metrics = pre[n][0] if n < len(requests) else post[edited[n - len(requests)]]
+            metrics["fluency"] = n_gram_entropy([text])
+    return [(metrics, post.get(i)) for i, (metrics, _) in enumerate(pre)]
+
+
+def _generations(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    row_patches: Sequence[Sequence[Patch]],
+    seed: int,
+    max_new_tokens: int = 50,
+    sample: bool = False,
+    batch_size: int = 32,
+) -> list[str]:
+    """Each request's continuation of its prompt, ``batch_size`` per generation batch, each on
+    the model with its ``row_patches``."""
+    texts: list[str] = []
+    for first in range(0, len(requests), batch_size):
+        prompts = [r.text for r in requests[first : first + batch_size]]
+        with rows_patched(model, row_patches[first : first + batch_size]):
+            texts += generate(model, tok, prompts, max_new_tokens, seed, sample)
+    return texts
 
 
 def evaluate_request(

@@ -14,6 +14,7 @@ give the same logits at every real position.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from rrome_cli.engine.positions import Encoded, encode_pair, pad_id, special_prefix
+from rrome_cli.engine.update import Patch, rows_patched
 from rrome_cli.models.families import input_device
 
 PaddingSide = Literal["left", "right"]
@@ -105,13 +107,17 @@ def score_answers(
     pairs: Sequence[tuple[str, str]],
     padding_side: PaddingSide = "right",
     batch_size: int = 32,
+    patches: Sequence[Sequence[Patch]] | None = None,
 ) -> list[AnswerScore]:
     """Teacher-forced argmax and log-probabilities of each ``(prompt, answer)``'s answer tokens,
-    in ``ceil(len(pairs) / batch_size)`` forward passes."""
+    in ``ceil(len(pairs) / batch_size)`` forward passes. ``patches``: per pair, the edits
+    its model has (``rows_patched``); none, the model as it is."""
     prefix = special_prefix(tok)
     encoded = [encode_pair(tok, prompt, answer, prefix) for prompt, answer in pairs]
     pad = pad_id(tok)
     scores: list[AnswerScore] = []
     for at in range(0, len(encoded), batch_size):
-        scores += _score_batch(model, encoded[at : at + batch_size], pad, padding_side)
+        edits = rows_patched(model, patches[at : at + batch_size]) if patches else nullcontext()
+        with edits:
+            scores += _score_batch(model, encoded[at : at + batch_size], pad, padding_side)
     return scores
