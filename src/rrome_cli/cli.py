@@ -570,11 +570,31 @@ def stats_cmd(
     guarded(body)
 
 
+APPLY_FORMATS = ("checkpoint", "peft")
+
+
 @app.command("apply")
 def apply_cmd(
     patches: Annotated[Path, typer.Argument(help="patches.safetensors of an rrome run.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the patched checkpoint.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the patched checkpoint or the adapter.")
+    ],
     model: Model = None,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="checkpoint: the whole edited model (default). peft: a PEFT LoRA adapter "
+            "of the edits for --model (its weights are not loaded), which transformers + PEFT "
+            "and multi-LoRA servers load.",
+        ),
+    ] = "checkpoint",
+    each: Annotated[
+        bool,
+        typer.Option(
+            "--each", help="With --format peft: one adapter per edit, a folder each under --out."
+        ),
+    ] = False,
     revert: Annotated[
         bool,
         typer.Option(
@@ -584,13 +604,20 @@ def apply_cmd(
     ] = False,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace --out when it holds a checkpoint already."),
+        typer.Option(
+            "--overwrite", help="Replace --out when it holds a checkpoint (or an adapter) already."
+        ),
     ] = False,
-    fp16: Fp16 = False,
-    bf16: Bf16 = False,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Load the model (peft: store the factors) in float16.")
+    ] = False,
+    bf16: Annotated[
+        bool, typer.Option("--bf16", help="Load the model (peft: store the factors) in bfloat16.")
+    ] = False,
     devices: Devices = None,
 ) -> None:
-    """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint."""
+    """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint,
+    or write them as a PEFT LoRA adapter (--format peft)."""
     from rrome_cli.engine.update import (
         apply_patch,
         check_patches_fit,
@@ -601,6 +628,12 @@ def apply_cmd(
     from rrome_cli.run import save_model_atomic, warn_if_independent
 
     def body() -> None:
+        if out_format not in APPLY_FORMATS:
+            raise typer.BadParameter(f"--format {out_format}: choose checkpoint or peft")
+        if out_format == "peft":
+            return export_adapter(patches, out, model, _dtype(fp16, bf16), each, revert, overwrite)
+        if each:
+            raise typer.BadParameter("--each writes one adapter per edit: it needs --format peft")
         check_checkpoint_target(out, overwrite)
         found = load_patches(patches)  # a bad file fails before the model loads
         loaded = load_model(model, _dtype(fp16, bf16), devices)
@@ -617,16 +650,58 @@ def apply_cmd(
     guarded(body)
 
 
-def check_checkpoint_target(out: Path, overwrite: bool) -> None:
-    """``--out`` of apply is new, or a checkpoint (a directory with config.json) that
-    ``overwrite`` lets us replace; never any other directory or a file, which replacing would
-    delete."""
+def export_adapter(
+    patches: Path,
+    out: Path,
+    model: str | None,
+    dtype: str | None,
+    each: bool,
+    revert: bool,
+    overwrite: bool,
+) -> None:
+    """``apply --format peft``: write the adapter(s) and say what they hold."""
+    from rrome_cli.export_peft import CONFIG_FILE, EACH_INDEX, export
+    from rrome_cli.models.loading import DTYPES
+
+    if revert:
+        raise typer.BadParameter(
+            "--revert with --format peft: an adapter is added to the base model; to revert "
+            "the edits, unload the adapter (or load the base model without it)"
+        )
+    check_checkpoint_target(out, overwrite, (CONFIG_FILE, EACH_INDEX), "an adapter")
+    written = export(patches, model, out, DTYPES[dtype or "fp32"], each)
+    for note in written.notes:
+        console.print(f"[yellow]note: {note}", highlight=False)
+    kind = str(DTYPES[dtype or "fp32"]).replace("torch.", "")
+    if each:
+        names = ", ".join(name for name, _ in written.adapters[:10])
+        more = len(written.adapters) - 10
+        names += f" and {more} more" if more > 0 else ""
+        console.print(
+            f"{len(written.adapters)} LoRA adapters (one per edit, {kind}) written to "
+            f"[bold]{out}[/bold]: {names}"
+        )
+        return
+    adapter = written.adapters[0][1]
+    ranks = ", ".join(f"{f.module} rank {f.rank}" for f in adapter.factors)
+    console.print(f"LoRA adapter ({kind}; {ranks}) written to [bold]{out}[/bold]")
+
+
+def check_checkpoint_target(
+    out: Path,
+    overwrite: bool,
+    markers: tuple[str, ...] = ("config.json",),
+    what: str = "a checkpoint",
+) -> None:
+    """``--out`` of apply is new, or a checkpoint (a directory with config.json; an adapter:
+    with adapter_config.json or adapters.json) that ``overwrite`` lets us replace; never any
+    other directory or a file, which replacing would delete."""
     if not out.exists():
         return
-    if not (out.is_dir() and (out / "config.json").is_file()):
-        raise FileExistsError(f"--out {out}: exists and is not a checkpoint; choose a new path")
+    if not (out.is_dir() and any((out / m).is_file() for m in markers)):
+        raise FileExistsError(f"--out {out}: exists and is not {what}; choose a new path")
     if not overwrite:
-        raise FileExistsError(f"--out {out}: holds a checkpoint already (--overwrite replaces it)")
+        raise FileExistsError(f"--out {out}: holds {what} already (--overwrite replaces it)")
 
 
 def main() -> None:

@@ -637,12 +637,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def run_protocol(patches: Path) -> str | None:
+    """How the run that wrote ``patches`` made them, "independent" or "sequential", from the
+    run.json beside it; None without one (a patch file copied elsewhere)."""
+    run_json = patches.parent / "run.json"
+    if not run_json.exists():
+        return None
+    return json.loads(run_json.read_text()).get("protocol")
+
+
 def warn_if_independent(patches: Path, n: int, console: Console) -> None:
     """Patches of an independent run were each made on the unedited model: applied together
     (``rrome eval --patches``, ``rrome apply``) they give a model that run never evaluated."""
-    run_json = patches.parent / "run.json"
-    if n > 1 and run_json.exists():
-        if json.loads(run_json.read_text()).get("protocol") == "independent":
+    if n > 1:
+        if run_protocol(patches) == "independent":
             console.print(
                 f"[yellow]{patches}: these {n} patches come from an independent run (each made "
                 "on the unedited model); here they are applied all together"

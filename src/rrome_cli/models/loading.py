@@ -197,6 +197,22 @@ def load_model(
     return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
 
 
+def load_skeleton(model: str | None = None) -> tuple[PreTrainedModel, str, str | None]:
+    """The model's modules on the meta device (names, types and shapes, no weights: all an
+    adapter needs, and a 7B model costs no memory), the path or hub id its weights load from,
+    and the config's revision. The embedded default is converted first if it is not yet."""
+    name = model or DEFAULT_MODEL
+    config = load_config(name)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    if name.startswith(TINY_PREFIX):
+        return net, name, None
+    source = resolve(name)
+    if Path(source).exists():  # a local checkpoint: absolute, so it loads from anywhere
+        source = str(Path(source).resolve())
+    return net, source, getattr(config, "_commit_hash", None)
+
+
 def _check_present(targets: list[torch.device], spec: str | None) -> None:
     """Every GPU asked for exists here (memcheck plans for absent ones; loading cannot)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
