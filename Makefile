@@ -23,7 +23,7 @@ demo: setup
 	$(RROME) edit data/counterfact-sample.jsonl --out runs/demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench docs
 	$(VENV)/bin/pytest -q
 
 test-fast: setup

@@ -10,7 +10,7 @@ same command again to continue an interrupted bench (a finished section is not m
 a quality run resumes where it stopped), so it can be run in pieces. Delete that folder to
 measure everything afresh. The quick bench measures afresh each time.
 
-Prints its tables (``--markdown``: the quality table in Markdown, for the README) and writes
+Prints its tables (``--markdown``: the quality table in Markdown, for docs/results.md) and writes
 ``bench/results/<date>.json`` with the machine and library versions.
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
 statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
@@ -544,7 +544,7 @@ def quality_table(sections: dict[str, Any]) -> Table:
 
 
 def markdown(sections: dict[str, Any]) -> str:
-    """The quality table in Markdown (the README's Results section)."""
+    """The quality table in Markdown (docs/results.md)."""
     lines = ["| " + " | ".join(QUALITY_HEADER) + " |", "|" + "---|" * len(QUALITY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in quality_rows(sections, sep=" ")]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """CI's quality smoke: real edits through ``rrome edit`` on the embedded SmolLM2 (``make setup``
 always caches it), so a regression in edit quality fails the build. The floors sit under what
-the shipped recipe measures (README "Results") so that only a real regression trips them.
+the shipped recipe measures (docs/results.md) so that only a real regression trips them.
 
 The tiny random fixtures carry no quality signal: their logits are nearly flat, and an edit
 moves the target's NLL by a few hundredths either way (measured); the exact algebra tests in

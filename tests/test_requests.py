@@ -560,11 +560,11 @@ def test_shipped_phrasings_table_reads_and_knows_the_sample() -> None:
     assert requests[0].prompt not in first.phrasings
 
 
-def _relation_phrasings():  # noqa: ANN202 - the bench script, imported by path
+def _relation_phrasings():  # noqa: ANN202 - the script that made the shipped table, imported by path
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "relation_phrasings", ROOT / "bench" / "relation_phrasings.py"
+        "relation_phrasings", ROOT / "docs" / "experiments" / "relation_phrasings.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 # Measured on SmolLM2 (layer 5, 20 CounterFact edits): C from 20k tokens gives the same edit
 # metrics as from 200k (rewrite 0.90 / rephrase 0.275 / locality 1.0 both), though u itself
-# still turns (median cos(u_20k, u_200k) = 0.85); see bench/stats_budget.py and the README.
+# still turns (median cos(u_20k, u_200k) = 0.85); see docs/recipe.md.
 DEFAULT_TOKENS = 20_000
 DEFAULT_MAX_LEN = 512
 DEFAULT_BATCH_TOKENS = 4096

@@ -1,7 +1,8 @@
 """The edits that hit the step cap: where their steps go, and two cuts measured on them.
 
-    python bench/long_edits.py trajectory runs/bench/full/r-rome___C___zsre [--out traj.json]
-    python bench/long_edits.py tangent -- edit REQUESTS --templates T --out RUN
+    python docs/experiments/long_edits.py trajectory runs/bench/full/r-rome___C___zsre \
+        [--out traj.json]
+    python docs/experiments/long_edits.py tangent -- edit REQUESTS --templates T --out RUN
 
 ``trajectory`` reruns every edit of an independent run that stopped at ``v_num_grad_steps``
 (same model, hparams, statistics, templates and requests), records the bare prompt's target

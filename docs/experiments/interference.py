@@ -13,7 +13,7 @@ w = 1). Other settings are an approximation: a real run would re-optimise each d
 model it has then (``--immediate`` shows how many edits still take right after they are made
 with the replayed values).
 
-    python bench/interference.py runs/seq200 --weights 0,1,100 [--protect read|bare|star]
+    python docs/experiments/interference.py runs/seq200 --weights 0,1,100 [--protect read|bare|star]
         [--value-scales 0.7,1] [--limit 200] [--split 100]
 
 Prints, per weight, rewrite / rephrase / locality of all edits and of the first ``--split``,

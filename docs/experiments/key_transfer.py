@@ -7,7 +7,7 @@ none. This script measures both fractions per layer and per choice of u (key sta
 C + lambda I for a few lambda, C = I) on the sample requests of SmolLM2, so that the layer and
 the statistics can be chosen from a cheap, direct proxy of generalisation and specificity.
 
-    python bench/key_transfer.py [--layers 2,3,4,5,6,8,10,12] [--requests FILE]
+    python docs/experiments/key_transfer.py [--layers 2,3,4,5,6,8,10,12] [--requests FILE]
 
 Prints one JSON line per (layer, u): median fraction at the bare prompt, at the rephrased
 prompts, and the largest |fraction| over the tokens of the locality prompts.
@@ -31,7 +31,7 @@ from rrome_cli.engine.update import KeyCovariance, left_vector
 from rrome_cli.models.loading import load_model
 from rrome_cli.requests import EditRequest, read_requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RIDGES = {"C": None, "C+0.01": 1e-2, "C+0.1": 1e-1, "C+1": 1.0, "I": "identity"}
 
 

@@ -1,6 +1,7 @@
 """Group CounterFact's prompt templates by relation: the table behind ``--phrasings``.
 
-    python bench/relation_phrasings.py [--source ../shared/data/counterfact/counterfact-train.json]
+    python docs/experiments/relation_phrasings.py \
+        [--source ../shared/data/counterfact/counterfact-train.json]
         [--out data/counterfact-phrasings.json]
 
 The EasyEdit layout has no relation ids, but each record's locality prompt asks the same
@@ -19,7 +20,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 GENERIC = 6  # a template with this many characters or fewer around "{}" links nothing
 

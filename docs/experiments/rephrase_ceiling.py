@@ -13,7 +13,8 @@
    tongue of Danielle Darrieux, as is well known, is"), so that it must survive other words
    between the subject and the question. No test prompt is used.
 
-    python bench/rephrase_ceiling.py [--n 30] [--natural 500] [--steps 80] [--extra inserts]
+    python docs/experiments/rephrase_ceiling.py [--n 30] [--natural 500] [--steps 80] \
+        [--extra inserts]
 
 Prints one JSON object and appends it to ``bench/results/rephrase-ceiling.jsonl``; per-record
 rows go to ``runs/rephrase-ceiling/{oracle,inserts}-records.jsonl``.
@@ -28,7 +29,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "bench"))
 

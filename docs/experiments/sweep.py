@@ -1,6 +1,7 @@
 """Sweep the SmolLM2 recipe: one ``rrome edit`` run (independent mode) per hyperparameter change.
 
-    python bench/sweep.py "stop99: v_stop_prob=0.99, v_num_grad_steps=60" "L3: layers=[3]" \
+    python docs/experiments/sweep.py "stop99: v_stop_prob=0.99, v_num_grad_steps=60" \
+        "L3: layers=[3]" \
         [--requests data/counterfact-sample.jsonl] [--limit 20] [--base hparams/smollm2-135m.yaml]
         [--phrasings data/counterfact-phrasings.json]
 
@@ -24,7 +25,7 @@ import yaml
 
 from rrome_cli.run import guard_layers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns")
 
 

@@ -1,7 +1,7 @@
 """How many tokens the key statistics need: the left vector u = C^-1 k* / ||C^-1 k*|| at each
 token budget, against u from the largest budget, on the sample requests (SmolLM2, layer 5).
 
-    python bench/stats_budget.py [--budgets 5000,10000,20000,50000,100000,200000]
+    python docs/experiments/stats_budget.py [--budgets 5000,10000,20000,50000,100000,200000]
 
 Prints, per budget, the median and minimum cosine between u(budget) and u(largest budget) over
 the requests, and the same against u(10 x budget) where that budget was measured.
@@ -24,7 +24,7 @@ from rrome_cli.engine.update import KeyCovariance, left_vector
 from rrome_cli.models.loading import load_model
 from rrome_cli.requests import read_requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

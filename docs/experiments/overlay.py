@@ -5,7 +5,7 @@ In independent mode each edit starts from the unedited model, so a change that p
 a record's computation as it was (``k_bare_min`` keeps the plain k* wherever the bare prompt
 already receives that fraction of the edit) needs rerunning only on the records it touches.
 
-    python bench/overlay.py runs/sweep/cf200-lr1/run/report.jsonl \
+    python docs/experiments/overlay.py runs/sweep/cf200-lr1/run/report.jsonl \
         runs/sweep/cf200-bare-min60/run/report.jsonl [--out merged.jsonl]
 
 Prints the post-edit means with 95% bootstrap intervals, ES = 1 counts and the S score of the
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sweep import METRICS  # bench/ is this script's directory, first on sys.path
+from sweep import METRICS  # docs/experiments/ is this script's directory, first on sys.path
 
 from rrome_cli.evaluate.summary import summarise
 
