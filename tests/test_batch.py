@@ -5,6 +5,8 @@ batched evaluation."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -244,3 +246,32 @@ def test_batch_option_refuses_sequential_and_bad_counts(tmp_path: Path) -> None:
         result = runner.invoke(app, [*base, "--batch", bad])
         assert result.exit_code == 2 and "--batch" in result.output, bad
     assert not (tmp_path / "r").exists()
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 rrome edit ...`` on the CPU (gloo), tiny-llama."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["-m", "rrome_cli.cli", "edit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_ranks_split_the_run_and_rank_0_merges_it(tmp_path: Path) -> None:
+    """Two processes edit alternate requests and the merged run equals one process's; a rank
+    killed part-way resumes with every request once."""
+    edit = [str(SAMPLE), "--model", "tiny-llama", "--limit", "7", "--batch", "2"]
+    single = tmp_path / "single"
+    assert CliRunner().invoke(app, ["edit", *edit, "--out", str(single)]).exit_code == 0
+    done = torchrun(*edit, "--out", str(tmp_path / "dist"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        own = records(tmp_path / "dist" / "ranks" / str(rank))
+        assert [r["index"] for r in own] == list(range(rank, 7, 2))
+    assert_same_run(tmp_path / "dist", single)
+
+    # rank 1 killed after its first edit: its report keeps one line, the merge is not made
+    cut = tmp_path / "dist" / "ranks" / "1" / "report.jsonl"
+    cut.write_text(cut.read_text().splitlines(keepends=True)[0])
+    (tmp_path / "dist" / "report.jsonl").unlink()
+    resumed = torchrun("--resume", str(tmp_path / "dist"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "dist", single)

@@ -268,14 +268,20 @@ def edit_cmd(
     ] = "auto",
 ) -> None:
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
+    import torch
+
     from rrome_cli.config import VARIANTS
+    from rrome_cli.distributed import edit_ranks, rank_dir, ranks_from_env
     from rrome_cli.models.loading import load_model
     from rrome_cli.run import RunOptions, load_run, refuse_finished_run, run_edits
 
+    _, ranks, local_rank = ranks_from_env()
+
     def body() -> None:
-        nonlocal model
+        nonlocal model, devices
         if resume is not None:
-            prov, hp, opts = load_run(resume)
+            first = resume if ranks == 1 or (resume / "run.json").exists() else rank_dir(resume, 0)
+            prov, hp, opts = load_run(first)
             model = prov["model"]
             dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(prov["dtype"])
         else:
@@ -310,12 +316,22 @@ def edit_cmd(
                 read_phrasings(phrasings)  # a bad table fails now, not after the load
             if templates:
                 load_templates(templates)  # so does a bad templates file
+        if ranks > 1:  # torchrun: each rank on its own GPU, a shared run directory
+            if resume is None and out is None:
+                raise typer.BadParameter("under torchrun, name the run directory: --out DIR")
+            if devices is None and torch.cuda.is_available():
+                devices = str(local_rank)
         device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
         if not opts.batch:  # auto
             opts.batch = auto_batch(model, dtype, devices, max_memory, hp)
             console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
-        run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
+        if ranks > 1:
+            run_dir, summary = edit_ranks(
+                loaded, hp, opts, console, resume or out, resume is not None
+            )
+        else:
+            run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
         if summary.get("failed_internal"):
             raise typer.Exit(1)

@@ -89,6 +89,7 @@ class RunOptions:
     fluency: bool = False
     probe_every: int = 50  # sequential: generation entropy on the probe set every N edits
     batch: int = 1  # independent runs: requests in flight together
+    shard: list[int] | None = None  # [rank, ranks]: edit only the requests index % ranks == rank
     stats: dict[str, Any] = field(default_factory=dict)  # corpus, tokens, stats_dir, ...
 
     def to_json(self) -> dict[str, Any]:
@@ -433,10 +434,13 @@ def run_edits(
 
     requests: list[EditRequest] = []  # every request read, for the retrospective
 
+    def skipped(index: int) -> bool:  # done before, or another rank's (torchrun)
+        return index in done or (opts.shard is not None and index % opts.shard[1] != opts.shard[0])
+
     def todo() -> Iterator[tuple[int, EditRequest]]:
         for index, request in enumerate(_requests(opts, warn)):
             requests.append(request)
-            if index not in done:
+            if not skipped(index):
                 yield index, request
 
     if opts.sequential:
@@ -446,7 +450,7 @@ def run_edits(
     try:
         with report_path.open("a") as report, progress:
             task = progress.add_task("", total=opts.limit, completed=len(done))
-            for record in _in_order(made, done):
+            for record in _in_order(made, skipped):
                 state.patches.extend(state.unreported.pop(record["index"], []))
                 records.append(record)
                 _append(report, record, stdout)
@@ -478,15 +482,17 @@ def run_edits(
     return out, summary
 
 
-def _in_order(records: Iterable[dict[str, Any]], done: set[int]) -> Iterator[dict[str, Any]]:
-    """``records`` in index order, skipping the indices in ``done``: a record is held back
-    until every earlier index not done has come."""
+def _in_order(
+    records: Iterable[dict[str, Any]], skipped: Callable[[int], bool]
+) -> Iterator[dict[str, Any]]:
+    """``records`` in index order: a record is held back until every earlier index that is
+    not ``skipped`` has come."""
     held: dict[int, dict[str, Any]] = {}
     next_index = 0
     for record in records:
         held[record["index"]] = record
         while True:
-            while next_index in done:
+            while skipped(next_index) and next_index not in held:
                 next_index += 1
             if next_index not in held:
                 break
