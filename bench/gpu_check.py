@@ -8,8 +8,13 @@ tokenizer: no download), on one GPU:
      device map memcheck plans), checked to give the same update as run 1.
   3. every tiny family in fp16 and bf16 on the device: the edit runs, W keeps its dtype and
      device, and the update lands as the fp32 patch rounded once.
-Prints two tables. ``--dry-run`` does the same on the CPU with tiny-llama (disk offload for the
-split), to check the script without a GPU.
+  4. throughput of ``rrome edit --batch N``: SmolLM2-shaped random bf16 weights at batch
+     1 / 8 / 32 / auto, and a Llama-2-7B-shaped one at 1 / 4 / 8 with its peak memory against
+     memcheck's plan for that batch (weights + N edit working sets); same requests, metrics
+     beside each speed. Random weights never meet the stop test: every edit runs its cap.
+Prints the tables and writes the throughput rows to ``--json``. ``--dry-run`` does the same on
+the CPU with tiny-llama (disk offload for the split), to check the script without a GPU;
+``--only throughput`` runs section 4 alone.
 
     python bench/gpu_check.py                  # on a GPU machine (about 3 minutes on an H100)
     python bench/gpu_check.py --dry-run        # anywhere
@@ -19,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from accelerate import dispatch_model
@@ -218,6 +225,75 @@ def tiny_dtypes(device: torch.device) -> Table:
     return table
 
 
+def throughput(device: torch.device, dry_run: bool, work: Path) -> tuple[Table, list[dict]]:
+    """4. edits per second at several --batch sizes, and (7B shape) peak vs memcheck."""
+    from throughput import measure, without_statistics  # beside this script
+
+    from rrome_cli.memcheck import largest_batch
+    from rrome_cli.models.loading import LoadedModel
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "counterfact-sample.jsonl"
+    requests = work / "requests.jsonl"
+    lines = sample.read_text().splitlines()
+    requests.write_text("\n".join(lines * 4) + "\n")  # 80 requests
+    cases = (
+        [("tiny-llama", "fp32", [1, 4], 8, 3)]
+        if dry_run
+        else [
+            ("smollm2-135m", "bf16", [1, 8, 32, 0], 64, 10),
+            ("llama2-7b", "bf16", [1, 4, 8], 16, 5),
+        ]
+    )
+    table = Table(title=f"--batch throughput on {device} (random weights, C = I)")
+    for column in (
+        "model",
+        "batch",
+        "edits",
+        "edits/s",
+        "x batch 1",
+        "peak MiB",
+        "plan MiB",
+        "post rewrite / locality",
+    ):
+        table.add_column(column)
+    rows = []
+    for alias, dtype_name, batches, n, steps in cases:
+        release(device)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        model, tok = build(alias, device, dtype)
+        hp = without_statistics(
+            load_hparams(shipped_hparams(alias if not dry_run else "tiny-llama"))
+        )
+        hp.v_num_grad_steps = steps
+        names = module_names(type(model).__name__, hp.module_overrides())
+        loaded = LoadedModel(model, tok, names, alias, None)
+        key = 0 if device.type == "cuda" else "cpu"
+        size = (
+            torch.cuda.get_device_properties(device).total_memory
+            if device.type == "cuda"
+            else 64 * GiB
+        )
+        memory_plan = plan(
+            alias if not dry_run else "tiny-llama", dtype_name, str(device), {key: size}, hp
+        )
+        auto = largest_batch(memory_plan)
+        batches = [b or auto for b in batches]
+        edit_device = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
+        for row in measure(loaded, hp, requests, batches, work / alias, limit=n):
+            row |= {"model": alias, "dtype": dtype_name, "steps_cap": steps, "auto": auto}
+            row["plan_mib"] = round((edit_device.weights + row["batch"] * edit_device.edit) / 2**20)
+            rows.append(row)
+            post = row["post"]
+            table.add_row(
+                alias, str(row["batch"]) + (" (auto)" if row["batch"] == auto else ""),
+                str(row["edits"]), f"{row['edits_per_second']:.2f}", f"{row['speedup']:.2f}",
+                str(row["peak_mib"] or "-"), str(row["plan_mib"]),
+                f"{post.get('rewrite_acc', 0):.3f} / {post.get('locality', 0):.3f}",
+            )  # fmt: skip
+        del model, loaded
+    return table, rows
+
+
 def release(device: torch.device) -> None:
     """Free what earlier runs left, so each peak is its own (cuBLAS keeps its workspaces)."""
     gc.collect()
@@ -236,6 +312,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny-llama on the CPU")
     parser.add_argument("--models", default="llama2-7b,mistral-7b")
+    parser.add_argument("--only", choices=["throughput"], help="run one section alone")
+    parser.add_argument("--json", type=Path, help="write the throughput rows here")
     args = parser.parse_args()
     console = Console()
     if args.dry_run:
@@ -244,6 +322,24 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: run with --dry-run")
         device, models, dtype = torch.device("cuda:0"), args.models.split(","), "bf16"
+    with tempfile.TemporaryDirectory() as work:
+        speed, rows = throughput(device, args.dry_run, Path(work))
+    console.print(speed)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(torch.cuda.get_device_name(device))
+                    if device.type == "cuda"
+                    else "cpu",
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+    if args.only:
+        return
     table = Table(title=f"memcheck vs measured peak on {device} ({dtype}, MiB, weights included)")
     for column in (
         "model",
