@@ -262,12 +262,13 @@ def edit_cmd(
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
     from rrome_cli.config import VARIANTS
     from rrome_cli.models.loading import load_model
-    from rrome_cli.run import RunOptions, load_run, refuse_finished_run, run_edits
+    from rrome_cli.run import RunOptions, check_resume, load_run, refuse_finished_run, run_edits
 
     def body() -> None:
         nonlocal model
         if resume is not None:
             prov, hp, opts = load_run(resume)
+            check_resume(resume, hp, opts)  # before the model loads
             model = prov["model"]
             dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(prov["dtype"])
         else:
@@ -561,7 +562,7 @@ def apply_cmd(
         for patch in reversed(found) if revert else found:
             (revert_patch if revert else apply_patch)(loaded.model, patch)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(loaded, out)
+        save_model_atomic(loaded, out, replace=overwrite)
         done = "reverted" if revert else "applied"
         console.print(f"{len(found)} patches {done}; checkpoint written to [bold]{out}[/bold]")
 

@@ -39,8 +39,9 @@ class EvalOptions:
 
 def run_eval(opts: EvalOptions, console: Console) -> dict:
     from rrome_cli.engine.update import apply_patch, check_patches_fit, load_patches
-    from rrome_cli.run import new_run_dir, warn_if_independent, write_json
+    from rrome_cli.run import new_run_dir, refuse_finished_run, warn_if_independent, write_json
 
+    refuse_finished_run(opts.out, resumable=False)  # its report and summary would be replaced
     requests: list[EditRequest] = list(
         read_requests(
             opts.requests,

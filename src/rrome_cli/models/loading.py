@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
-from rrome_cli.files import publish
+from rrome_cli.files import make_dir, publish
 from rrome_cli.models import tiny
 from rrome_cli.models.families import ModuleNames, module_names
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
@@ -99,7 +98,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    tmp = make_dir(target.parent, ".convert-")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     publish(tmp)

@@ -1,0 +1,204 @@
+"""The fault table: hostile input and damaged run directories, as a user would meet them.
+
+Each case asserts the exit code, that the message names the file (and line and field where
+there is one), and that nothing on disk was lost: the files of the directories involved hash
+the same before and after (or, for a resume, what the run had done is all still there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rrome_cli.cli import app
+from rrome_cli.engine.update import load_patches, save_patches
+from rrome_cli.run import CHECKPOINT_MARK, PATCH_JOURNAL
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SAMPLE = DATA / "counterfact-sample.jsonl"
+TINY = ("--model", "tiny-llama")
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def said(result) -> str:  # noqa: ANN001
+    """The command's standard error without whitespace: rich wraps long messages anywhere."""
+    return "".join(result.stderr.split())
+
+
+def names(text: str) -> str:
+    return "".join(text.split())
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Every file under ``path`` (relative name -> sha256 of its bytes), folders as ``/``."""
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        str(p.relative_to(path)): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished three-edit run of tiny-llama (made once; tests work on copies)."""
+    out = tmp_path_factory.mktemp("made") / "run"
+    result = run("edit", str(SAMPLE), *TINY, "--limit", "3", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-edit run with ``--save-model`` (made once; tests work on copies)."""
+    out = tmp_path_factory.mktemp("made") / "run"
+    args = ("edit", str(SAMPLE), *TINY, "--limit", "1", "--save-model", "--out", str(out))
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def a_run(finished_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+@pytest.fixture
+def a_saved_run(saved_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "saved"
+    shutil.copytree(saved_run, copy)
+    return copy
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model: bad input must fail before that."""
+    import rrome_cli.evaluate.run as evaluate_run
+    import rrome_cli.models.loading as loading
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        pytest.fail("the model loaded")
+
+    for module in (loading, evaluate_run):  # every module that binds the name
+        monkeypatch.setattr(module, "load_model", fail)
+
+
+def refused(args: list[str], *watched: Path, expect: tuple[str, ...], code: int = 2) -> None:
+    """``rrome args`` exits ``code``, its message holds each of ``expect``, and every watched
+    path is bit for bit as it was (or still absent)."""
+    before = [tree(p) for p in watched]
+    result = run(*args)
+    assert result.exit_code == code, result.stderr or result.stdout
+    for text in expect:
+        assert names(text) in said(result), (text, result.stderr)
+    assert [tree(p) for p in watched] == before
+
+
+# --------------------------------------------------------------------------------- data loss
+
+
+def test_eval_into_a_run_directory_is_refused(a_run: Path) -> None:
+    """It replaced the run's report.jsonl (3 lines became 1) and summary.json."""
+    args = ["eval", str(SAMPLE), *TINY, "--limit", "1", "--out", str(a_run)]
+    refused(args, a_run, expect=(str(a_run), "report.jsonl", "choose another --out"))
+
+
+def test_eval_into_an_earlier_evaluation_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    args = ["eval", str(SAMPLE), *TINY, "--limit", "1", "--out", str(out)]
+    assert run(*args).exit_code == 0
+    refused(args, out, expect=(str(out), "report.jsonl"))
+
+
+@pytest.mark.parametrize("held", ["model", PATCH_JOURNAL])
+def test_a_new_run_never_replaces_a_model_or_journal_folder_it_did_not_make(
+    tmp_path: Path, no_model_load: None, held: str
+) -> None:
+    """``--save-model`` deleted DIR/model whatever it held; patches.d went the same way."""
+    out = tmp_path / "out"
+    (out / held).mkdir(parents=True)
+    (out / held / "weights.bin").write_bytes(b"the user's own")
+    args = ["edit", str(SAMPLE), *TINY, "--limit", "1", "--save-model", "--out", str(out)]
+    refused(args, out, expect=(str(out), held))
+
+
+def test_resume_never_replaces_a_model_folder_rrome_did_not_write(
+    a_saved_run: Path, no_model_load: None
+) -> None:
+    out = a_saved_run
+    assert (out / "model" / CHECKPOINT_MARK).is_file()
+    shutil.rmtree(out / "model")
+    (out / "model").mkdir()
+    (out / "model" / "notes.txt").write_text("not a checkpoint of rrome's")
+    refused(["edit", "--resume", str(out)], out, expect=(str(out / "model"), "rrome wrote"))
+
+
+def test_resume_replaces_the_model_folder_it_wrote_itself(a_saved_run: Path) -> None:
+    out = a_saved_run
+    result = run("edit", "--resume", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".model-")]
+
+
+def test_resume_without_its_patches_is_refused(a_run: Path, no_model_load: None) -> None:
+    """It exited 0 and wrote a patch file without patches while the report said 3 applied."""
+    (a_run / "patches.safetensors").unlink()
+    refused(
+        ["edit", "--resume", str(a_run)],
+        a_run,
+        expect=(str(a_run / "patches.safetensors"), "is missing", "3 applied"),
+    )
+
+
+def test_resume_with_a_patch_file_short_of_the_report_is_refused(
+    a_run: Path, no_model_load: None
+) -> None:
+    path = a_run / "patches.safetensors"
+    save_patches(path, load_patches(path)[:1])
+    refused(["edit", "--resume", str(a_run)], a_run, expect=(str(path), "holds 1 of the 3"))
+
+
+def test_resume_rebuilds_the_patch_file_from_a_whole_journal(a_run: Path) -> None:
+    """A run killed outright keeps its edits in patches.d; the journal holding every edit is
+    enough to rebuild patches.safetensors, the same patches in the same order."""
+    path = a_run / "patches.safetensors"
+    patches = load_patches(path)
+    records = [json.loads(x) for x in (a_run / "report.jsonl").read_text().splitlines()]
+    for record, patch in zip(records, patches, strict=True):
+        save_patches(a_run / PATCH_JOURNAL / f"{record['index']:07d}.safetensors", [patch])
+    path.unlink()
+    result = run("edit", "--resume", str(a_run))
+    assert result.exit_code == 0, result.stderr
+    again = load_patches(path)
+    assert [p.request for p in again] == [p.request for p in patches]
+    pairs = zip(again, patches, strict=True)
+    assert all(a.left.equal(b.left) and a.right.equal(b.right) for a, b in pairs)
+    assert not (a_run / PATCH_JOURNAL).exists()
+
+
+def test_a_resume_keeps_what_it_finds_in_the_journal_folder_that_is_not_its_own(
+    a_run: Path,
+) -> None:
+    (a_run / PATCH_JOURNAL).mkdir()
+    (a_run / PATCH_JOURNAL / "mine.txt").write_text("kept")
+    assert run("edit", "--resume", str(a_run)).exit_code == 0
+    assert (a_run / PATCH_JOURNAL / "mine.txt").read_text() == "kept"
+
+
+def test_resume_without_its_report_is_refused(a_run: Path, no_model_load: None) -> None:
+    (a_run / "report.jsonl").unlink()
+    refused(["edit", "--resume", str(a_run)], a_run, expect=(str(a_run / "report.jsonl"),))
