@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,90 @@ def test_a_resume_keeps_what_it_finds_in_the_journal_folder_that_is_not_its_own(
 def test_resume_without_its_report_is_refused(a_run: Path, no_model_load: None) -> None:
     (a_run / "report.jsonl").unlink()
     refused(["edit", "--resume", str(a_run)], a_run, expect=(str(a_run / "report.jsonl"),))
+
+
+# ------------------------------------------------------------- requests: refused before the load
+
+GOOD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Lyon"}
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        (json.dumps(GOOD) + '\n{"prompt": "The capital of Japan is"\n', 2, "<record>"),
+        (json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9 {}"}\n', 2, "<record>"),
+        (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "target_new": 42}), 2, "target_new"),
+        (json.dumps({**GOOD, "subject": "Spain"}), 1, "subject"),
+        (json.dumps(GOOD) + "\n[1, 2]\n", 2, "<record>"),
+        ("[" + json.dumps(GOOD) + ",\n" + json.dumps({"prompt": "x"}) + "]", 2, "subject"),
+        ("[" + json.dumps(GOOD) + ",\n" + json.dumps(GOOD), 2, "<record>"),  # torn array
+    ],
+    ids=["torn-line", "not-utf8", "wrong-type", "subject-absent", "not-object", "array-record",
+         "torn-array"],
+)  # fmt: skip
+def test_a_bad_record_is_refused_before_the_model_loads_and_leaves_no_run(
+    tmp_path: Path, no_model_load: None, text: str | bytes, line: int, field: str
+) -> None:
+    """Today's bad line 2 came after the model had loaded (minutes on a 7B), and left a run
+    directory behind."""
+    path = write(tmp_path / "requests.jsonl", text)
+    out = tmp_path / "run"
+    where = f"{path}:{line}"
+    field_named = f"field '{field}'"
+    refused(["edit", str(path), *TINY, "--out", str(out)], path, out, expect=(where, field_named))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\n", "[]", "[\n]\n"])
+def test_an_input_without_requests_is_refused(
+    tmp_path: Path, no_model_load: None, text: str
+) -> None:
+    """A filter that matched nothing, or a smoke run that edits nothing, must not pass."""
+    path = write(tmp_path / "requests.jsonl", text)
+    out = tmp_path / "run"
+    for command in ("edit", "eval"):
+        args = [command, str(path), *TINY, "--out", str(out)]
+        refused(args, path, expect=(f"no requests in {path}",))
+        assert not out.exists()
+
+
+def test_a_file_of_invalid_records_only_is_refused_with_skip_invalid(
+    tmp_path: Path, no_model_load: None
+) -> None:
+    path = write(tmp_path / "requests.jsonl", '{"prompt": 1}\n{"prompt": "x", "subject": 2}\n')
+    args = ["edit", str(path), *TINY, "--skip-invalid", "--out", str(tmp_path / "run")]
+    refused(args, path, expect=(f"no valid (2 skipped) requests in {path}",))
+
+
+def test_empty_standard_input_is_refused_before_the_model_loads(no_model_load: None) -> None:
+    result = run("edit", "-", *TINY, input="")
+    assert result.exit_code == 2
+    assert "no requests in <stdin>" in result.stderr
+
+
+def test_empty_standard_input_from_a_pipe_is_refused(tmp_path: Path) -> None:
+    """Through a real pipe, where the check peeks at the stream without consuming it."""
+    cmd = [sys.executable, "-m", "rrome_cli.cli", "edit", "-", *TINY, "--out", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, input=b"", capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert b"no requests in <stdin>" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_standard_input_streams_and_keeps_the_records_before_a_bad_one(tmp_path: Path) -> None:
+    """Standard input is not read whole first: records are edited as they come, and a bad
+    one stops the run at its line with the earlier ones reported."""
+    out = tmp_path / "run"
+    text = json.dumps(GOOD) + '\n{"prompt": "no subject here"}\n'
+    result = run("edit", "-", *TINY, "--out", str(out), input=text)
+    assert result.exit_code == 2
+    assert names("<stdin>:2: field 'subject'") in said(result)
+    assert len((out / "report.jsonl").read_text().splitlines()) == 1

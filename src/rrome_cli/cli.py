@@ -28,7 +28,15 @@ from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
 from rrome_cli.models.registry import hparams_name
-from rrome_cli.requests import FORMATS, RequestError, read_phrasings, read_requests
+from rrome_cli.requests import (
+    FORMATS,
+    STDIN_NAME,
+    RequestError,
+    check_requests,
+    read_phrasings,
+    read_requests,
+    stdin_is_empty,
+)
 
 if TYPE_CHECKING:
     from rrome_cli.run import RunOptions
@@ -298,6 +306,7 @@ def edit_cmd(
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
             )
             refuse_finished_run(out)  # before the model loads
+            check_input(opts)  # so does every bad record of a requests file
             if phrasings:
                 read_phrasings(phrasings)  # a bad table fails now, not after the load
             if templates:
@@ -310,6 +319,16 @@ def edit_cmd(
             raise typer.Exit(1)
 
     guarded(body)
+
+
+def check_input(opts: RunOptions) -> None:
+    """Before the model loads: a requests file is read whole, and a bad record (unless
+    ``--skip-invalid``) or a file without requests exits 2; standard input is streamed, each
+    record checked at its turn, but one that ends at once is refused now."""
+    if opts.requests != "-":
+        check_requests(opts.requests, opts.fmt, opts.skip_invalid, opts.limit)
+    elif stdin_is_empty():
+        raise RequestError(STDIN_NAME, None, None, f"no requests in {STDIN_NAME}")
 
 
 def brings_phrasings(opts: RunOptions) -> bool:

@@ -357,15 +357,16 @@ def run_edits(
     """Run a batch; returns the run directory and the summary."""
     from rrome_cli.evaluate import render_summary, summarise
 
+    if not resume:
+        refuse_finished_run(opts.out)
+    # before the run directory is made: a bad corpus (or Ctrl-C here) leaves none behind
+    covariances, cov_source = prepare_covariances(loaded, hp, opts)
     out = new_run_dir(resume or opts.out)
     report_path = out / "report.jsonl"
-    if not resume:
-        refuse_finished_run(out)
     previous = done_records(report_path) if resume else []
     if resume:
         report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
     templates = prepare_templates(loaded, hp, opts, out)
-    covariances, cov_source = prepare_covariances(loaded, hp, opts)
     state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
     if resume:
         prov = json.loads((out / "run.json").read_text())
