@@ -291,3 +291,38 @@ def test_standard_input_streams_and_keeps_the_records_before_a_bad_one(tmp_path:
     assert result.exit_code == 2
     assert names("<stdin>:2: field 'subject'") in said(result)
     assert len((out / "report.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ hyperparameters at load
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("v_lr: -1", "v_lr must be greater than 0"),
+        ("v_lr: 0", "v_lr must be greater than 0"),
+        ("v_lr: .nan", "v_lr must be greater than 0"),
+        ("kl_factor: -0.5", "kl_factor must be 0 or more"),
+        ("v_stop_prob: 1.5", "v_stop_prob must be in (0, 1]"),
+        ("v_num_grad_steps: 2.5", "v_num_grad_steps must be a whole number"),
+        ("mom2_n_samples: 0", "mom2_n_samples must be a whole number, 1 or more"),
+        ("clamp_norm_factor: 0", "clamp_norm_factor must be greater than 0"),
+        ("context_template_length_params: [[0, 5]]", "context_template_length_params must be"),
+        ("layers: [-1]", "layers must be a list of layer numbers"),
+        ("layers: 5", "layers must be a list of layer numbers"),
+        ("layers: [1, 1]", "layers names a layer twice"),
+        ("layers: [999]", "layers [999] are outside the model, which has 4 layers"),
+    ],
+)
+def test_a_bad_hyperparameter_is_refused_at_load_with_its_line(
+    tmp_path: Path, no_model_load: None, line: str, problem: str
+) -> None:
+    hparams = write(tmp_path / "h.yaml", f"mom2_adjustment: false\n{line}\n")
+    out = tmp_path / "run"
+    key = line.split(":")[0]
+    if key != "layers":
+        hparams.write_text(f"layers: [1]\n{hparams.read_text()}")
+    at = f"{hparams}:{2 if key == 'layers' else 3}"
+    args = ["edit", str(SAMPLE), *TINY, "--hparams", str(hparams), "--out", str(out)]
+    refused(args, hparams, expect=(at, problem))
+    assert not out.exists()

@@ -14,13 +14,14 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from rrome_cli.config import HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.config import HParams, HParamsError, key_location, load_hparams, shipped_hparams
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
 from rrome_cli.engine.update import PatchFileError
@@ -118,17 +119,38 @@ def _dtype(fp16: bool, bf16: bool) -> str | None:
     return "fp16" if fp16 else "bf16" if bf16 else None
 
 
+def hparams_file(path: Path | None, model: str | None) -> Path | None:
+    """--hparams, else the file shipped for the model; None: the defaults."""
+    if path is not None:
+        return path
+    name = hparams_name(model or "smollm2-135m")
+    return shipped_hparams(name) if name else None
+
+
 def resolve_hparams(path: Path | None, model: str | None) -> HParams:
     """--hparams, else the file shipped for the model, else the defaults."""
-    if path is not None:
-        return load_hparams(path)
-    name = hparams_name(model or "smollm2-135m")
-    if name:
-        return load_hparams(shipped_hparams(name))
+    source = hparams_file(path, model)
+    if source is not None:
+        return load_hparams(source)
     console.print(
         f"[yellow]no shipped hparams for {model!r}: using the defaults (layers {HParams().layers})"
     )
     return HParams()
+
+
+def check_layers(hp: HParams, model: str | None, where: str) -> None:
+    """Before the model loads: every layer to edit exists in it (its configuration says how
+    many it has); ``where`` names the file and line that chose them."""
+    from rrome_cli.models.loading import load_config
+
+    n_layers = getattr(load_config(model), "num_hidden_layers", None)
+    if isinstance(n_layers, int):
+        hp.check_layers_within(n_layers, where)
+
+
+def layers_origin(path: Path | None, model: str | None) -> str:
+    source = hparams_file(path, model)
+    return key_location(source, "layers") if source else "the default hparams (no --hparams)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -288,6 +310,7 @@ def edit_cmd(
                     raise HParamsError(f"--variant must be one of {', '.join(VARIANTS)}")
                 hp.variant = variant
             dtype = _dtype(fp16, bf16)
+            check_layers(hp, model, layers_origin(hparams, model))
             opts = RunOptions(
                 requests=requests,
                 fmt=fmt,
@@ -478,6 +501,7 @@ def memcheck_cmd(
 
     def body() -> bool:
         hp = resolve_hparams(hparams, model)
+        check_layers(hp, model, layers_origin(hparams, model))
         if phrasings:
             read_phrasings(phrasings)
         extra = hp.max_phrasings if phrasings else 0
@@ -524,6 +548,11 @@ def stats_cmd(
 
     def body() -> None:
         hp = resolve_hparams(hparams, model)
+        check_layers(
+            replace(hp, layers=sorted(set(layer))) if layer else hp,
+            model,
+            "--layer" if layer else layers_origin(hparams, model),
+        )
         for one in layer or hp.layers:
             result = stats_command(
                 model=model,
