@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rrome_cli.cli import app
+from rrome_cli.config import shipped_hparams
 from rrome_cli.engine.update import load_patches, save_patches
 from rrome_cli.run import CHECKPOINT_MARK, PATCH_JOURNAL
 
@@ -326,3 +327,39 @@ def test_a_bad_hyperparameter_is_refused_at_load_with_its_line(
     args = ["edit", str(SAMPLE), *TINY, "--hparams", str(hparams), "--out", str(out)]
     refused(args, hparams, expect=(at, problem))
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- no-op edits
+
+
+def test_an_edit_that_changes_nothing_is_a_no_op_not_applied(tmp_path: Path) -> None:
+    """A zero update (here the value's loss is under v_stop_loss before its first step) was
+    reported as applied; it is "no-op", keeps no patch and leaves post metrics out."""
+    hparams = write(tmp_path / "h.yaml", shipped_hparams("tiny-llama").read_text())
+    hparams.write_text(hparams.read_text() + "v_stop_loss: 1000\n")
+    out = tmp_path / "run"
+    args = ["edit", str(SAMPLE), *TINY, "--limit", "2", "--hparams", str(hparams)]
+    result = run(*args, "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["no-op", "no-op"]
+    assert all("update is zero" in r["reason"] for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["no-op"] == 2 and summary["counts"]["applied"] == 0
+    assert summary["metrics"]["post"] == {}
+    assert load_patches(out / "patches.safetensors") == []
+    assert "2 no-op" in result.stderr
+
+
+def test_an_edit_whose_target_did_not_move_is_a_no_op() -> None:
+    import torch
+
+    from rrome_cli.engine.edit import EditResult, LayerEdit
+    from rrome_cli.engine.update import Patch
+    from rrome_cli.run import no_op_reason
+
+    patch = Patch(1, "m", torch.ones(2), torch.ones(2), "torch.float32")
+    layer = LayerEdit(1, "m", patch, 1.0, 1.0, 0.3, 1.0, 0.1, 0.5, 3, {})
+    result = EditResult("applied", [layer])
+    assert "did not move" in no_op_reason(result, {"nll_new": 4.0}, {"nll_new": 4.0})
+    assert no_op_reason(result, {"nll_new": 4.0}, {"nll_new": 3.0}) == ""

@@ -308,6 +308,10 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             seed=opts.seed + index,
         )
         record["post"] = post
+        if reason := no_op_reason(result, pre, post):
+            result.revert(loaded.model)  # nothing to keep: no patch, the model as it was
+            record["status"], record["reason"] = "no-op", reason
+    if record["status"] == "applied":
         state.patches.extend(result.patches)
         save_edit_patches(state, index, result.patches)  # before the report line
         if opts.sequential:
@@ -319,6 +323,23 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             result.revert(loaded.model)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+# An applied edit whose target NLL moved by less than this (relative) did nothing
+UNMOVED = 1e-6
+
+
+def no_op_reason(result: EditResult, pre: dict[str, Any], post: dict[str, Any]) -> str:
+    """Why an edit that was applied changed nothing (empty when it did something): its update
+    is zero, or the target's probability on the edited prompt did not move. Such an edit is
+    reported as "no-op", not "applied": a run of them must not pass as a run of edits."""
+    if all(e.update_ratio == 0 for e in result.layers):
+        return "the update is zero: the model is unchanged"
+    before, after = pre.get("nll_new"), post.get("nll_new")
+    if isinstance(before, float) and isinstance(after, float):
+        if abs(after - before) <= UNMOVED * max(1.0, abs(before)):
+            return f"the target's probability did not move (NLL {before:.6g} before and after)"
+    return ""
 
 
 def guard_record(result: EditResult) -> dict[str, Any]:
