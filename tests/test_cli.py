@@ -161,7 +161,7 @@ def test_a_model_path_or_corpus_that_is_not_there_exits_2(tmp_path: Path) -> Non
             args += ["--model", "tiny-llama"]
         result = run(*args)
         assert result.exit_code == 2, flag
-        assert unwrapped(f"model {missing}: cannot load") in unwrapped(result.stderr)
+        assert unwrapped(f"model {missing}: no such directory") in unwrapped(result.stderr)
     corpus = tmp_path / "corpus.txt"
     result = run("stats", "--model", "tiny-llama", "--layer", "1", "--corpus", str(corpus))
     assert result.exit_code == 2

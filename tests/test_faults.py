@@ -363,3 +363,41 @@ def test_an_edit_whose_target_did_not_move_is_a_no_op() -> None:
     result = EditResult("applied", [layer])
     assert "did not move" in no_op_reason(result, {"nll_new": 4.0}, {"nll_new": 4.0})
     assert no_op_reason(result, {"nll_new": 4.0}, {"nll_new": 3.0}) == ""
+
+
+# ----------------------------------------------------------------------------------- model files
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llama saved as a local checkpoint (made once; tests work on copies)."""
+    from rrome_cli.models.loading import load_model
+    from rrome_cli.run import save_model_atomic
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model_atomic(load_model("tiny-llama"), path)
+    return path
+
+
+def test_a_truncated_checkpoint_exits_2_naming_the_file(checkpoint: Path, tmp_path: Path) -> None:
+    """It was an internal SafetensorError, exit 1."""
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    hparams = str(shipped_hparams("tiny-llama"))
+    for args in (
+        ["edit", str(SAMPLE), "--hparams", hparams, "--out", str(out)],
+        ["eval", str(SAMPLE), "--out", str(out)],
+    ):
+        refused([*args, "--model", str(broken)], broken, expect=(str(weights), "truncated"))
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["edit", "eval", "memcheck"])
+def test_a_local_model_path_that_is_not_there_says_so(tmp_path: Path, command: str) -> None:
+    """It got the hub's "Repo id must be in the form ..." message."""
+    missing = tmp_path / "no" / "model"
+    args = [command, str(SAMPLE)] if command != "memcheck" else [command]
+    refused([*args, "--model", str(missing)], tmp_path, expect=(f"{missing}: no such directory",))
