@@ -401,3 +401,48 @@ def test_a_local_model_path_that_is_not_there_says_so(tmp_path: Path, command: s
     missing = tmp_path / "no" / "model"
     args = [command, str(SAMPLE)] if command != "memcheck" else [command]
     refused([*args, "--model", str(missing)], tmp_path, expect=(f"{missing}: no such directory",))
+
+
+# ------------------------------------------------------------------ longer than the model's context
+
+LONG = {**GOOD, "prompt": "In a long story " + "and then " * 300 + "the capital of France is"}
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (LONG, "prompt"),
+        ({**GOOD, "rephrase_prompt": "So " * 400 + "France's capital is"}, "rephrase_prompt[0]"),
+        (
+            {**GOOD, "locality_prompt": "x " * 400, "locality_ground_truth": "y"},
+            "locality[0]",
+        ),
+    ],
+    ids=["prompt", "rephrase", "locality"],
+)
+def test_a_request_longer_than_the_context_exits_2_before_any_edit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: dict, field: str
+) -> None:
+    """On a 256-position model a 600-word prompt was an internal error; on a 7B model such
+    prompts asked for gigabytes. The whole file is checked before the first edit."""
+    import rrome_cli.run as run_module
+
+    monkeypatch.setattr(run_module, "edit", lambda *a, **k: pytest.fail("an edit ran"))
+    path = write(tmp_path / "requests.jsonl", json.dumps(GOOD) + "\n" + json.dumps(record) + "\n")
+    out = tmp_path / "run"
+    for command in ("edit", "eval"):
+        args = [command, str(path), *TINY, "--out", str(out)]
+        refused(args, path, expect=(f"{path}:2", f"field '{field}'", "at most 256"))
+        assert not out.exists()
+
+
+def test_a_long_request_on_standard_input_stops_the_run_at_its_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    text = json.dumps(GOOD) + "\n" + json.dumps(LONG) + "\n"
+    result = run("edit", "-", *TINY, "--out", str(out), input=text)
+    assert result.exit_code == 2
+    assert names("<stdin>:2: field 'prompt'") in said(result)
+    assert len((out / "report.jsonl").read_text().splitlines()) == 1
+    skipping = run("edit", "-", *TINY, "--skip-invalid", "--out", str(tmp_path / "s"), input=text)
+    assert skipping.exit_code == 0, skipping.stderr
+    assert names("skipped: <stdin>:2") in said(skipping)

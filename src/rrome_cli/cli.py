@@ -292,7 +292,14 @@ def edit_cmd(
     """Edit facts: evaluate, edit and re-evaluate each request; write report, patches, summary."""
     from rrome_cli.config import VARIANTS
     from rrome_cli.models.loading import load_model
-    from rrome_cli.run import RunOptions, check_resume, load_run, refuse_finished_run, run_edits
+    from rrome_cli.run import (
+        RunOptions,
+        check_request_lengths,
+        check_resume,
+        load_run,
+        refuse_finished_run,
+        run_edits,
+    )
 
     def body() -> None:
         nonlocal model
@@ -336,6 +343,7 @@ def edit_cmd(
                 load_templates(templates)  # so does a bad templates file
         device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
+        check_request_lengths(loaded, hp, opts, resume)  # before any edit allocates
         run_dir, summary = run_edits(loaded, hp, opts, console, resume=resume)
         console.print(f"run written to [bold]{run_dir}[/bold]")
         if summary.get("failed_internal"):

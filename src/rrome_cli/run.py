@@ -53,6 +53,7 @@ from rrome_cli.evaluate import (
     probe_entropy,
 )
 from rrome_cli.files import make_dir, publish
+from rrome_cli.lengths import check_length, max_positions, template_allowance
 from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import (
@@ -355,8 +356,16 @@ def guard_layers(guard: dict[str, Any]) -> list[dict[str, Any]]:
     return guard.get("layers", [guard])
 
 
-def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
+def _requests(
+    opts: RunOptions, warn: Callable[[str], None], state: RunState | None = None
+) -> Iterator[EditRequest]:
+    """The run's requests, with their relation phrasings; given the run's ``state``, each
+    is also checked against the model's context (a bad one raises, or with --skip-invalid is
+    reported and skipped, as a malformed record is)."""
     table = read_phrasings(opts.phrasings) if opts.phrasings else {}
+    if state is not None:
+        limit = max_positions(state.loaded.model.config)
+        allowance = template_allowance(state.loaded.tok, state.hp, state.templates)
     for request in read_requests(
         opts.requests,
         fmt=opts.fmt,
@@ -364,7 +373,34 @@ def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditReq
         limit=opts.limit,
         warn=warn,
     ):
-        yield with_phrasings(request, table)
+        request = with_phrasings(request, table)
+        if state is not None:
+            try:
+                check_length(state.loaded.tok, request, limit, allowance, opts.fluency)
+            except RequestError as err:
+                if not opts.skip_invalid:
+                    raise
+                warn(f"skipped: {err}")
+                continue
+        yield request
+
+
+def check_request_lengths(
+    loaded: LoadedModel, hp: HParams, opts: RunOptions, resume: Path | None = None
+) -> None:
+    """Before the run: every request of a requests file fits the model's context, its
+    prompt behind the longest context template (the run's own, or a bound from ``hp``) with
+    the target; the first that does not raises, naming its file, line and field. Standard
+    input is checked record by record as the run reads it, and so are skipped records."""
+    if opts.requests == "-" or opts.skip_invalid:
+        return
+    saved = resume / "templates.json" if resume else None
+    source = saved if saved and saved.exists() else opts.templates
+    templates = load_templates(source) if source else None
+    limit = max_positions(loaded.model.config)
+    allowance = template_allowance(loaded.tok, hp, templates)
+    for request in _requests(opts, lambda message: None):
+        check_length(loaded.tok, request, limit, allowance, opts.fluency)
 
 
 def run_edits(
@@ -420,7 +456,7 @@ def run_edits(
     try:
         with report_path.open("a") as report, progress:
             task = progress.add_task("", total=opts.limit, completed=len(done))
-            for index, request in enumerate(_requests(opts, warn)):
+            for index, request in enumerate(_requests(opts, warn, state)):
                 requests.append(request)
                 if index in done:
                     continue
