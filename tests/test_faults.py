@@ -446,3 +446,48 @@ def test_a_long_request_on_standard_input_stops_the_run_at_its_line(tmp_path: Pa
     skipping = run("edit", "-", *TINY, "--skip-invalid", "--out", str(tmp_path / "s"), input=text)
     assert skipping.exit_code == 0, skipping.stderr
     assert names("skipped: <stdin>:2") in said(skipping)
+
+
+# --------------------------------------------------------------------------- statistics cache
+
+
+def test_a_checkpoint_rewritten_in_place_gets_its_own_statistics(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key held the weight files' names and sizes only: a checkpoint rewritten in place
+    (same shapes, same size) reused the old C. Now it holds their bytes' digest, computed once
+    per (path, size, mtime)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rrome_cli.engine import stats
+
+    ckpt, stats_dir = tmp_path / "ckpt", tmp_path / "stats"
+    shutil.copytree(checkpoint, ckpt)
+    before = stats.model_identity(str(ckpt), None, stats_dir)
+    assert (stats_dir / stats.DIGESTS_FILE).is_file()
+    monkeypatch.setattr(stats, "_file_digest", lambda path: pytest.fail(f"{path} hashed again"))
+    assert stats.model_identity(str(ckpt), None, stats_dir) == before  # remembered
+    monkeypatch.undo()
+    weights = ckpt / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name] + torch.ones_like(tensors[name])
+    size = weights.stat().st_size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    assert stats.model_identity(str(ckpt), None, stats_dir) != before
+
+
+def test_run_json_records_what_c_was_computed_from(checkpoint: Path, tmp_path: Path) -> None:
+    text = shipped_hparams("tiny-llama").read_text()
+    text = text.replace("mom2_adjustment: false", "mom2_adjustment: true")
+    text = text.replace("mom2_n_samples: 2000", "mom2_n_samples: 300")
+    hparams = write(tmp_path / "h.yaml", text)
+    out, stats_dir = tmp_path / "run", tmp_path / "stats"
+    args = ["edit", str(SAMPLE), "--model", str(checkpoint), "--hparams", str(hparams)]
+    result = run(*args, "--limit", "1", "--stats-dir", str(stats_dir), "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    [source] = json.loads((out / "run.json").read_text())["covariance_from"]
+    assert source["layer"] == "1" and source["model"].startswith("local:")
+    assert source["tokens"] == "300" and Path(source["file"]).parent == stats_dir

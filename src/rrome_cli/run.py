@@ -118,6 +118,8 @@ class RunState:
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per edited module
     failed: int = 0
     baseline_entropy: float | None = None  # probe-set entropy of the unedited model
+    # per layer, what its C was computed from (the cache file and its key): for run.json
+    covariance_from: list[dict[str, str]] = field(default_factory=list)
 
 
 PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes
@@ -196,6 +198,7 @@ def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
         "devices": sorted({str(p.device) for p in model.parameters()}),
         "variant": state.hp.variant,
         "covariance": state.covariance_source,
+        "covariance_from": state.covariance_from,
         "protocol": "sequential" if state.opts.sequential else "independent",
         "templates": str(templates_file),
         "hparams": state.hp.to_dict(),
@@ -221,13 +224,15 @@ def prepare_templates(loaded: LoadedModel, hp: HParams, opts: RunOptions, out: P
 
 
 def prepare_covariances(
-    loaded: LoadedModel, hp: HParams, opts: RunOptions
+    loaded: LoadedModel, hp: HParams, opts: RunOptions, computed_from: list | None = None
 ) -> tuple[dict[int, KeyCovariance], str]:
-    """Key statistics for each edited layer (cached on disk), or C = I."""
+    """Key statistics for each edited layer (cached on disk), or C = I. ``computed_from``
+    gets, per layer, the statistics file and the key it was computed for (the model's
+    identity, the corpus digest, the token budget)."""
     if not hp.mom2_adjustment:  # one C = I per layer, which sequential runs may add keys to
         identity = {layer: KeyCovariance(None) for layer in hp.layers}
         return identity, "identity (mom2_adjustment: false)"
-    from rrome_cli.engine.stats import second_moment_of
+    from rrome_cli.engine.stats import KEY_FIELDS, second_moment_of
 
     covariances, sources = {}, []
     stats_dir = opts.stats.get("stats_dir") or hp.stats_dir
@@ -242,6 +247,9 @@ def prepare_covariances(
         )
         covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w_device)
         sources.append(f"{stats.source} ({stats.tokens} tokens)")
+        if computed_from is not None:
+            key = {k: stats.metadata[k] for k in KEY_FIELDS if k in stats.metadata}
+            computed_from.append({"layer": str(layer), "file": str(stats.path), **key})
     return covariances, "second moment: " + "; ".join(sorted(set(sources)))
 
 
@@ -417,7 +425,8 @@ def run_edits(
     if not resume:
         refuse_finished_run(opts.out)
     # before the run directory is made: a bad corpus (or Ctrl-C here) leaves none behind
-    covariances, cov_source = prepare_covariances(loaded, hp, opts)
+    cov_from: list[dict[str, str]] = []
+    covariances, cov_source = prepare_covariances(loaded, hp, opts, cov_from)
     out = new_run_dir(resume or opts.out)
     report_path = out / "report.jsonl"
     previous = done_records(report_path) if resume else []
@@ -425,6 +434,7 @@ def run_edits(
         report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
     templates = prepare_templates(loaded, hp, opts, out)
     state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
+    state.covariance_from = cov_from
     if resume:
         prov = json.loads((out / "run.json").read_text())
     else:
