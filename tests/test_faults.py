@@ -491,3 +491,99 @@ def test_run_json_records_what_c_was_computed_from(checkpoint: Path, tmp_path: P
     [source] = json.loads((out / "run.json").read_text())["covariance_from"]
     assert source["layer"] == "1" and source["model"].startswith("local:")
     assert source["tokens"] == "300" and Path(source["file"]).parent == stats_dir
+
+
+# ------------------------------------------------- cases that held already, kept as the table
+
+
+def test_an_unknown_format_is_a_usage_error(tmp_path: Path, no_model_load: None) -> None:
+    """It was an internal ValueError (exit 1)."""
+    for command in ("edit", "eval"):
+        args = [command, str(SAMPLE), *TINY, "--format", "foo", "--out", str(tmp_path / "r")]
+        refused(args, tmp_path, expect=("--format must be one of", "'foo'"))
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("layers: [1]\nv_lrr: 0.5\n", ":2: unknown key 'v_lrr'; did you mean 'v_lr'?"),
+        ("layers: [1]\nv_lr: fast\n", ":2: v_lr must be a number"),
+        ("layers: [1\n", "not valid YAML"),
+        ("- 1\n- 2\n", "expected a mapping"),
+    ],
+)
+def test_a_malformed_hparams_file_exits_2(
+    tmp_path: Path, no_model_load: None, text: str, problem: str
+) -> None:
+    hparams = write(tmp_path / "h.yaml", text)
+    args = ["edit", str(SAMPLE), *TINY, "--hparams", str(hparams), "--out", str(tmp_path / "r")]
+    refused(args, hparams, expect=(f"{hparams}", problem))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_truncated_patch_file_exits_2_before_the_model_loads(
+    a_run: Path, no_model_load: None, tmp_path: Path
+) -> None:
+    path = a_run / "patches.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    expect = (str(path), "cannot read patches")
+    refused(["eval", str(SAMPLE), *TINY, "--patches", str(path)], a_run, expect=expect)
+    refused(["apply", str(path), *TINY, "--out", str(tmp_path / "ck")], a_run, expect=expect)
+    refused(["edit", "--resume", str(a_run)], a_run, expect=expect)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "not-json", "not-a-run"])
+def test_resume_of_a_directory_without_a_readable_run_json_exits_2(
+    a_run: Path, no_model_load: None, damage: str
+) -> None:
+    run_json = a_run / "run.json"
+    if damage == "missing":
+        run_json.unlink()
+    else:
+        run_json.write_text("{oops" if damage == "not-json" else "[1, 2]")
+    refused(["edit", "--resume", str(a_run)], a_run, expect=(str(run_json),))
+
+
+def test_resume_drops_a_torn_last_report_line_and_makes_that_edit_again(a_run: Path) -> None:
+    """A run killed while writing a report line: the line is dropped, the edit made again,
+    every request once and one patch per applied edit."""
+    report = a_run / "report.jsonl"
+    lines = report.read_text().splitlines(keepends=True)
+    report.write_text("".join(lines[:2]) + lines[2][:40])
+    result = run("edit", "--resume", str(a_run))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in report.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    applied = [str(r["case_id"]) for r in records if r["status"] == "applied"]
+    assert [p.request for p in load_patches(a_run / "patches.safetensors")] == applied
+
+
+def test_a_finished_run_is_never_appended_to(a_run: Path, no_model_load: None) -> None:
+    args = ["edit", str(SAMPLE), *TINY, "--limit", "1", "--out", str(a_run)]
+    refused(args, a_run, expect=(str(a_run), "report.jsonl", f"--resume {a_run}"))
+
+
+def test_apply_never_replaces_what_is_not_a_checkpoint(a_run: Path, tmp_path: Path) -> None:
+    patches = str(a_run / "patches.safetensors")
+    for target in (a_run, a_run / "report.jsonl"):
+        args = ["apply", patches, *TINY, "--out", str(target)]
+        refused(args, a_run, expect=(f"--out {target}", "not a checkpoint"))
+
+
+def test_an_unreadable_phrasings_or_templates_file_exits_2(
+    tmp_path: Path, no_model_load: None
+) -> None:
+    bad = write(tmp_path / "bad.json", '[["{} is", \n oops]]')
+    out = tmp_path / "r"
+    for option in ("--phrasings", "--templates"):
+        args = ["edit", str(SAMPLE), *TINY, option, str(bad), "--out", str(out)]
+        refused(args, bad, expect=(f"{bad}:2", "not valid JSON"))
+        assert not out.exists()
+
+
+def test_a_missing_requests_file_exits_2(tmp_path: Path, no_model_load: None) -> None:
+    missing = tmp_path / "nope.jsonl"
+    for command in ("edit", "eval"):
+        args = [command, str(missing), *TINY, "--out", str(tmp_path / "r")]
+        refused(args, tmp_path, expect=(str(missing), "cannot read"))

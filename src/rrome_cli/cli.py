@@ -113,6 +113,12 @@ MaxMemory = Annotated[
 ]
 
 
+def _format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
 def _dtype(fp16: bool, bf16: bool) -> str | None:
     if fp16 and bf16:
         raise typer.BadParameter("choose one of --fp16 and --bf16")
@@ -320,7 +326,7 @@ def edit_cmd(
             check_layers(hp, model, layers_origin(hparams, model))
             opts = RunOptions(
                 requests=requests,
-                fmt=fmt,
+                fmt=_format(fmt),
                 limit=limit,
                 skip_invalid=skip_invalid,
                 out=out,
@@ -470,7 +476,7 @@ def eval_cmd(
             dtype=_dtype(fp16, bf16),
             devices=devices,
             out=out,
-            fmt=fmt,
+            fmt=_format(fmt),
             limit=limit,
             seed=seed,
             skip_invalid=skip_invalid,
