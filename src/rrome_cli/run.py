@@ -569,7 +569,7 @@ def keep_reported_patches(state: RunState, report: Path) -> None:
 
 def _reported_patches(state: RunState, records: list[dict[str, Any]]) -> int:
     """How many patches the applied ``records`` made: one per edited layer each."""
-    return sum(r.get("status") == "applied" for r in records) * len(state.hp.layers)
+    return _applied(records) * len(state.hp.layers)
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
