@@ -386,7 +386,7 @@ RECORDS = [
 def test_summarise_counts_means_and_s():
     summary = summarise(RECORDS, n_boot=200)
     assert summary["n_records"] == 4
-    assert summary["counts"] == {"applied": 2, "rejected": 1, "failed": 1}
+    assert summary["counts"] == {"applied": 2, "no-op": 0, "rejected": 1, "failed": 1}
     pre, post = summary["metrics"]["pre"], summary["metrics"]["post"]
     assert pre["rewrite_acc"]["mean"] == pytest.approx(0.25) and pre["rewrite_acc"]["n"] == 4
     assert post["rewrite_acc"]["n"] == 2  # the rejected edit's "post" is not counted

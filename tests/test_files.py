@@ -7,6 +7,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 import torch
 
 from rrome_cli.engine.update import Patch, save_patches
@@ -43,3 +44,16 @@ def test_checkpoint_folder_and_weights_are_readable(umask_022, tmp_path: Path) -
     files = list((tmp_path / "model").iterdir())
     assert any(f.suffix == ".safetensors" for f in files)
     assert {f.name: mode(f) for f in files} == {f.name: 0o644 for f in files}
+
+
+def test_the_process_umask_is_never_changed(
+    umask_022, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the umask by setting it (to 0, for a moment) would let another thread create a
+    world-writable file; each file's mode is set where it is created instead."""
+    monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was changed"))
+    save_safetensors_atomic(tmp_path / "c.safetensors", {"mom2": torch.eye(2)}, {})
+    save_model_atomic(load_model("tiny-llama"), tmp_path / "model")
+    assert mode(tmp_path / "c.safetensors") == 0o644
+    assert mode(tmp_path / "model") == 0o755
+    assert {mode(f) for f in (tmp_path / "model").iterdir()} == {0o644}

@@ -14,13 +14,14 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from rrome_cli.config import HParams, HParamsError, load_hparams, shipped_hparams
+from rrome_cli.config import HParams, HParamsError, key_location, load_hparams, shipped_hparams
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
 from rrome_cli.engine.update import PatchFileError
@@ -28,7 +29,15 @@ from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError
 from rrome_cli.models.registry import hparams_name
-from rrome_cli.requests import FORMATS, RequestError, read_phrasings, read_requests
+from rrome_cli.requests import (
+    FORMATS,
+    STDIN_NAME,
+    RequestError,
+    check_requests,
+    read_phrasings,
+    read_requests,
+    stdin_is_empty,
+)
 
 if TYPE_CHECKING:
     from rrome_cli.run import RunOptions
@@ -104,23 +113,50 @@ MaxMemory = Annotated[
 ]
 
 
+def _format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
 def _dtype(fp16: bool, bf16: bool) -> str | None:
     if fp16 and bf16:
         raise typer.BadParameter("choose one of --fp16 and --bf16")
     return "fp16" if fp16 else "bf16" if bf16 else None
 
 
+def hparams_file(path: Path | None, model: str | None) -> Path | None:
+    """--hparams, else the file shipped for the model; None: the defaults."""
+    if path is not None:
+        return path
+    name = hparams_name(model or "smollm2-135m")
+    return shipped_hparams(name) if name else None
+
+
 def resolve_hparams(path: Path | None, model: str | None) -> HParams:
     """--hparams, else the file shipped for the model, else the defaults."""
-    if path is not None:
-        return load_hparams(path)
-    name = hparams_name(model or "smollm2-135m")
-    if name:
-        return load_hparams(shipped_hparams(name))
+    source = hparams_file(path, model)
+    if source is not None:
+        return load_hparams(source)
     console.print(
         f"[yellow]no shipped hparams for {model!r}: using the defaults (layers {HParams().layers})"
     )
     return HParams()
+
+
+def check_layers(hp: HParams, model: str | None, where: str) -> None:
+    """Before the model loads: every layer to edit exists in it (its configuration says how
+    many it has); ``where`` names the file and line that chose them."""
+    from rrome_cli.models.loading import load_config
+
+    n_layers = getattr(load_config(model), "num_hidden_layers", None)
+    if isinstance(n_layers, int):
+        hp.check_layers_within(n_layers, where)
+
+
+def layers_origin(path: Path | None, model: str | None) -> str:
+    source = hparams_file(path, model)
+    return key_location(source, "layers") if source else "the default hparams (no --hparams)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -273,7 +309,14 @@ def edit_cmd(
     from rrome_cli.config import VARIANTS
     from rrome_cli.distributed import edit_ranks, rank_dir, ranks_from_env
     from rrome_cli.models.loading import load_model
-    from rrome_cli.run import RunOptions, load_run, refuse_finished_run, run_edits
+    from rrome_cli.run import (
+        RunOptions,
+        check_request_lengths,
+        check_resume,
+        load_run,
+        refuse_finished_run,
+        run_edits,
+    )
 
     _, ranks, local_rank = ranks_from_env()
 
@@ -282,6 +325,8 @@ def edit_cmd(
         if resume is not None:
             first = resume if ranks == 1 or (resume / "run.json").exists() else rank_dir(resume, 0)
             prov, hp, opts = load_run(first)
+            if ranks == 1:
+                check_resume(resume, hp, opts)  # before the model loads
             model = prov["model"]
             dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(prov["dtype"])
         else:
@@ -293,9 +338,10 @@ def edit_cmd(
                     raise HParamsError(f"--variant must be one of {', '.join(VARIANTS)}")
                 hp.variant = variant
             dtype = _dtype(fp16, bf16)
+            check_layers(hp, model, layers_origin(hparams, model))
             opts = RunOptions(
                 requests=requests,
-                fmt=fmt,
+                fmt=_format(fmt),
                 limit=limit,
                 skip_invalid=skip_invalid,
                 out=out,
@@ -312,6 +358,7 @@ def edit_cmd(
                 batch=parse_batch(batch, sequential, hp),
             )
             refuse_finished_run(out)  # before the model loads
+            check_input(opts)  # so does every bad record of a requests file
             if phrasings:
                 read_phrasings(phrasings)  # a bad table fails now, not after the load
             if templates:
@@ -326,6 +373,7 @@ def edit_cmd(
             opts.batch = auto_batch(model, dtype, devices, max_memory, hp)
             console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
+        check_request_lengths(loaded, hp, opts, resume)  # before any edit allocates
         if ranks > 1:
             run_dir, summary = edit_ranks(
                 loaded, hp, opts, console, resume or out, resume is not None
@@ -339,8 +387,9 @@ def edit_cmd(
     guarded(body)
 
 
-# --batch auto on the CPU: measured on SmolLM2 (docs/results.md, the throughput section)
-CPU_BATCH = 4
+# --batch auto on the CPU: 1 until the bench's throughput section measures SmolLM2 there (on
+# tiny-llama a batch of 4 was slower than 1; on an H200 batches win 6-19x: docs/results.md)
+CPU_BATCH = 1
 
 
 def parse_batch(spec: str, sequential: bool, hp: HParams) -> int:
@@ -374,6 +423,16 @@ def auto_batch(
     from rrome_cli.memcheck import largest_batch, plan
 
     return largest_batch(plan(model, dtype, devices, parse_memory(max_memory), hp))
+
+
+def check_input(opts: RunOptions) -> None:
+    """Before the model loads: a requests file is read whole, and a bad record (unless
+    ``--skip-invalid``) or a file without requests exits 2; standard input is streamed, each
+    record checked at its turn, but one that ends at once is refused now."""
+    if opts.requests != "-":
+        check_requests(opts.requests, opts.fmt, opts.skip_invalid, opts.limit)
+    elif stdin_is_empty():
+        raise RequestError(STDIN_NAME, None, None, f"no requests in {STDIN_NAME}")
 
 
 def brings_phrasings(opts: RunOptions) -> bool:
@@ -484,7 +543,7 @@ def eval_cmd(
             dtype=_dtype(fp16, bf16),
             devices=devices,
             out=out,
-            fmt=fmt,
+            fmt=_format(fmt),
             limit=limit,
             seed=seed,
             skip_invalid=skip_invalid,
@@ -523,6 +582,7 @@ def memcheck_cmd(
 
     def body() -> bool:
         hp = resolve_hparams(hparams, model)
+        check_layers(hp, model, layers_origin(hparams, model))
         if phrasings:
             read_phrasings(phrasings)
         extra = hp.max_phrasings if phrasings else 0
@@ -569,6 +629,11 @@ def stats_cmd(
 
     def body() -> None:
         hp = resolve_hparams(hparams, model)
+        check_layers(
+            replace(hp, layers=sorted(set(layer))) if layer else hp,
+            model,
+            "--layer" if layer else layers_origin(hparams, model),
+        )
         for one in layer or hp.layers:
             result = stats_command(
                 model=model,
@@ -659,7 +724,7 @@ def apply_cmd(
         for patch in reversed(found) if revert else found:
             (revert_patch if revert else apply_patch)(loaded.model, patch)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(loaded, out)
+        save_model_atomic(loaded, out, replace=overwrite)
         done = "reverted" if revert else "applied"
         console.print(f"{len(found)} patches {done}; checkpoint written to [bold]{out}[/bold]")
 

@@ -8,7 +8,9 @@ nearest valid one.
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,34 @@ class HParamsError(ValueError):
 
 
 REALIZED = ("suffix", "answer", "bare")  # v_realized_delta's values besides true and false
+# Numeric hyperparameters, what each must be (NaN and infinities never are), checked at load so
+# that a bad value fails with its file and line, not after the model has loaded.
+RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("v_num_grad_steps", lambda x: x >= 1 and float(x).is_integer(), "a whole number, 1 or more"),
+    ("v_lr", lambda x: x > 0, "greater than 0"),
+    ("v_adam_beta2", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("v_weight_decay", lambda x: x >= 0, "0 or more"),
+    ("clamp_norm_factor", lambda x: x > 0, "greater than 0"),
+    ("kl_factor", lambda x: x >= 0, "0 or more"),
+    ("v_stop_loss", lambda x: x >= 0, "0 or more"),
+    ("v_stop_prob", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("v_bare_weight", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("k_bare_min", lambda x: 0 < x <= 1, "in (0, 1] (or null: the plain mean)"),
+    ("max_phrasings", lambda x: x >= 0 and float(x).is_integer(), "0 (none) or a whole number"),
+    ("mom2_n_samples", lambda x: x >= 1 and float(x).is_integer(), "a whole number, 1 or more"),
+    ("mom2_ridge", lambda x: x >= 0, "0 or more"),
+    ("protect_weight", lambda x: x >= 0, "0 (off) or positive"),
+)
+OPTIONAL = {"k_bare_min"}  # may be null
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _index(value: Any) -> bool:
+    """A whole number, 0 or more (a layer, a length)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -130,22 +160,47 @@ class HParams:
             raise HParamsError(
                 f"v_realized_delta must be {options}, got {realized!r}", "v_realized_delta"
             )
-        if not 0 <= self.v_adam_beta2 < 1:
-            raise HParamsError("v_adam_beta2 must be in [0, 1)", "v_adam_beta2")
-        if not 0 <= self.v_bare_weight < 1:
-            raise HParamsError("v_bare_weight must be in [0, 1)", "v_bare_weight")
-        if self.v_num_grad_steps < 1:
-            raise HParamsError("v_num_grad_steps must be at least 1", "v_num_grad_steps")
-        if self.k_bare_min is not None and not 0 < self.k_bare_min <= 1:
-            raise HParamsError(
-                "k_bare_min must be in (0, 1] (or null: the plain mean)", "k_bare_min"
-            )
-        if self.max_phrasings < 0:
-            raise HParamsError("max_phrasings must be 0 (none) or more", "max_phrasings")
-        if self.protect_weight < 0:
-            raise HParamsError("protect_weight must be 0 (off) or positive", "protect_weight")
-        if not self.layers:
+        for name, allowed, must in RANGES:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if not _number(value) or not math.isfinite(value) or not allowed(value):
+                raise HParamsError(f"{name} must be {must}, got {value!r}", name)
+        self._check_layers()
+        self._check_template_lengths()
+
+    def _check_layers(self) -> None:
+        layers = self.layers
+        if not isinstance(layers, list) or not all(_index(x) for x in layers):
+            raise HParamsError(f"layers must be a list of layer numbers, got {layers!r}", "layers")
+        if not layers:
             raise HParamsError("layers must name at least one layer", "layers")
+        if len(set(layers)) != len(layers):
+            raise HParamsError(f"layers names a layer twice: {layers}", "layers")
+
+    def _check_template_lengths(self) -> None:
+        pairs = self.context_template_length_params
+        ok = isinstance(pairs, list) and all(
+            isinstance(p, list) and len(p) == 2 and _index(p[0]) and p[0] >= 1 and _index(p[1])
+            for p in pairs
+        )
+        if not ok:
+            raise HParamsError(
+                "context_template_length_params must be a list of [tokens, count] pairs "
+                f"(tokens at least 1, count 0 or more), got {pairs!r}",
+                "context_template_length_params",
+            )
+
+    def check_layers_within(self, n_layers: int, where: str) -> None:
+        """Every edited layer exists in a model of ``n_layers`` layers; ``where`` names the
+        hyperparameters' file and line."""
+        outside = [layer for layer in self.layers if layer >= n_layers]
+        if outside:
+            raise HParamsError(
+                f"{where}: layers {outside} are outside the model, which has {n_layers} layers "
+                f"(0 to {n_layers - 1})",
+                "layers",
+            )
 
     def module_overrides(self) -> dict[str, str | None]:
         keys = (
@@ -228,6 +283,15 @@ def load_hparams(path: str | Path) -> HParams:
     if not isinstance(raw, dict):
         raise HParamsError(f"{path}: expected a mapping of keys to values")
     return from_dict(raw, where=str(path), lines=_key_lines(text))
+
+
+def key_location(path: str | Path, key: str) -> str:
+    """``FILE:LINE`` of a top-level key of a YAML file (``FILE`` alone when it is not there)."""
+    try:
+        lines = _key_lines(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        lines = {}
+    return f"{path}:{lines[key]}" if key in lines else str(path)
 
 
 def shipped_hparams(name: str) -> Path:

@@ -544,7 +544,8 @@ def read_requests(
     default to ``warn``) and skipped; a JSON syntax error inside an array always raises, as the
     rest cannot be split into records. ``warn`` (default: :func:`warnings.warn`) gets notes
     that do not stop the read, such as a target equal to the ground truth. ``limit`` stops
-    after that many valid requests.
+    after that many valid requests. An input without a valid request raises (``no requests in
+    FILE``): a pipeline whose filter matched nothing must not pass as a run that did its work.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown request format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -554,7 +555,7 @@ def read_requests(
     skip = on_skip or (lambda err: warn(f"skipped: {err}"))
     name = STDIN_NAME if str(path) == "-" else str(path)
     parser = _PARSERS.get(fmt)
-    count = 0
+    count = skipped = 0
     if limit == 0:
         return
     with _open(path, name) as stream:
@@ -567,6 +568,7 @@ def read_requests(
                 if not skip_invalid:
                     raise
                 skip(err)
+                skipped += 1
                 continue
             if request.ground_truth is not None and request.target_new == request.ground_truth:
                 warn(
@@ -577,6 +579,43 @@ def read_requests(
             count += 1
             if limit is not None and count >= limit:
                 return
+    if not count:
+        valid = f" valid ({skipped} skipped)" if skipped else ""
+        raise RequestError(name, None, None, f"no{valid} requests in {name}")
+
+
+def check_requests(
+    path: str | Path, fmt: str = "auto", skip_invalid: bool = False, limit: int | None = None
+) -> int:
+    """Read a request file whole, before anything costly (loading the model): a bad record
+    raises with its file, line and field, an input without requests raises; returns how many
+    requests a run will get. With ``skip_invalid`` bad records are passed over in silence: the
+    run reports each at its turn. Standard input cannot be read twice: see
+    :func:`stdin_is_empty`."""
+    found = read_requests(
+        path,
+        fmt=fmt,
+        skip_invalid=skip_invalid,
+        limit=limit,
+        on_skip=lambda err: None,
+        warn=lambda message: None,
+    )
+    return sum(1 for _ in found)
+
+
+def stdin_is_empty() -> bool:
+    """Whether standard input ends before its first byte, found without consuming any (the run
+    reads it as a stream later). Input that begins with blank lines counts as not empty here;
+    the reader still refuses it at its end."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    if hasattr(stream, "peek"):  # a buffered reader: a pipe, a terminal, a file
+        return not stream.peek(1)
+    if stream.seekable():  # an in-memory stream (tests)
+        at = stream.tell()
+        first = stream.read(1)
+        stream.seek(at)
+        return not first
+    return False
 
 
 def _as_record(value: Any, name: str, line: int) -> _Record:

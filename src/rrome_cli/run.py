@@ -9,11 +9,12 @@ and ``resume`` continues it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,14 @@ from rich.progress import (
 from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit, edit_independent, protect_edited_keys
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
-from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, load_patches, save_patches
+from rrome_cli.engine.update import (
+    KeyCovariance,
+    Patch,
+    PatchFileError,
+    apply_patch,
+    load_patches,
+    save_patches,
+)
 from rrome_cli.evaluate import (
     evaluate_edits,
     evaluate_request,
@@ -45,12 +53,14 @@ from rrome_cli.evaluate import (
     first_drift,
     probe_entropy,
 )
-from rrome_cli.files import publish
+from rrome_cli.files import make_dir, publish
+from rrome_cli.lengths import check_length, max_positions, template_allowance
 from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.requests import (
     EditRequest,
     RequestError,
+    read_json_file,
     read_phrasings,
     read_requests,
     request_to_dict,
@@ -112,23 +122,63 @@ class RunState:
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # W0 per edited module
     failed: int = 0
     baseline_entropy: float | None = None  # probe-set entropy of the unedited model
+    # per layer, what its C was computed from (the cache file and its key): for run.json
+    covariance_from: list[dict[str, str]] = field(default_factory=list)
+
+
+PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes
+# What a run (or ``rrome eval``) writes into its directory. A new run never writes into a
+# directory holding any of them: it would mix two runs in one report, or replace (delete) what
+# is there. A non-empty report.jsonl counts too.
+RUN_FILES = (
+    "run.json",
+    "summary.json",
+    "patches.safetensors",
+    PATCH_JOURNAL,
+    "model",
+    "templates.json",
+    "retrospective.jsonl",
+)
 
 
 def new_run_dir(out: Path | None) -> Path:
-    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """``out``, or a new ``runs/<timestamp>`` (``-2``, ``-3``, ... when that one is taken: two
+    runs started in the same second must not share a directory)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: too many runs started in this second")
 
 
-def refuse_finished_run(out: Path | None) -> None:
-    """A new run never appends to another run's report (that would mix two runs in one
-    report and summary): raise if ``out`` already holds one."""
-    report = None if out is None else out / "report.jsonl"
-    if report is not None and report.exists() and report.stat().st_size:
-        raise FileExistsError(
-            f"{out} already holds a run (report.jsonl): continue it with --resume {out}, "
-            "or choose another --out"
-        )
+def held_run_files(out: Path) -> list[str]:
+    """Which of a run's files ``out`` holds already."""
+    report = out / "report.jsonl"
+    held = ["report.jsonl"] if report.is_file() and report.stat().st_size else []
+    return held + [name for name in RUN_FILES if (out / name).exists()]
+
+
+def refuse_finished_run(out: Path | None, resumable: bool = True) -> None:
+    """A new run (or evaluation) writes only into a new or empty-of-runs directory: raise if
+    ``out`` already holds a run's files. ``resumable``: the message offers ``--resume``."""
+    if out is None or not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out}: exists and is not a directory")
+    held = held_run_files(out)
+    if held:
+        how = "choose another --out"
+        if resumable and (out / "run.json").exists():
+            how = f"continue it with --resume {out}, or {how}"
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}): {how}")
 
 
 def library_versions() -> dict[str, str]:
@@ -152,6 +202,7 @@ def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
         "devices": sorted({str(p.device) for p in model.parameters()}),
         "variant": state.hp.variant,
         "covariance": state.covariance_source,
+        "covariance_from": state.covariance_from,
         "protocol": "sequential" if state.opts.sequential else "independent",
         "templates": str(templates_file),
         "hparams": state.hp.to_dict(),
@@ -177,13 +228,15 @@ def prepare_templates(loaded: LoadedModel, hp: HParams, opts: RunOptions, out: P
 
 
 def prepare_covariances(
-    loaded: LoadedModel, hp: HParams, opts: RunOptions
+    loaded: LoadedModel, hp: HParams, opts: RunOptions, computed_from: list | None = None
 ) -> tuple[dict[int, KeyCovariance], str]:
-    """Key statistics for each edited layer (cached on disk), or C = I."""
+    """Key statistics for each edited layer (cached on disk), or C = I. ``computed_from``
+    gets, per layer, the statistics file and the key it was computed for (the model's
+    identity, the corpus digest, the token budget)."""
     if not hp.mom2_adjustment:  # one C = I per layer, which sequential runs may add keys to
         identity = {layer: KeyCovariance(None) for layer in hp.layers}
         return identity, "identity (mom2_adjustment: false)"
-    from rrome_cli.engine.stats import second_moment_of
+    from rrome_cli.engine.stats import KEY_FIELDS, second_moment_of
 
     covariances, sources = {}, []
     stats_dir = opts.stats.get("stats_dir") or hp.stats_dir
@@ -198,6 +251,9 @@ def prepare_covariances(
         )
         covariances[layer] = KeyCovariance(stats.mom2, hp.mom2_ridge, device=w_device)
         sources.append(f"{stats.source} ({stats.tokens} tokens)")
+        if computed_from is not None:
+            key = {k: stats.metadata[k] for k in KEY_FIELDS if k in stats.metadata}
+            computed_from.append({"layer": str(layer), "file": str(stats.path), **key})
     return covariances, "second moment: " + "; ".join(sorted(set(sources)))
 
 
@@ -258,6 +314,10 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
             seed=opts.seed + index,
         )
         record["post"] = post
+        if reason := no_op_reason(result, pre, post):
+            result.revert(loaded.model)  # nothing to keep: no patch, the model as it was
+            record["status"], record["reason"] = "no-op", reason
+    if record["status"] == "applied":
         _made(state, index, result.patches)
         protect_edited_keys(result.patches, state.covariances, state.hp.protect_weight)
         record["guard"]["cumulative_ratio"] = _cumulative_ratio(state, result)
@@ -338,7 +398,10 @@ def _evaluated(
             record["guard"] = guard_record(result)
             if post is not None:
                 record["post"] = post
-                _made(state, index, result.patches)
+                if reason := no_op_reason(result, pre, post):
+                    record["status"], record["reason"] = "no-op", reason
+                else:
+                    _made(state, index, result.patches)
         record["seconds"] = round(time.perf_counter() - started.pop(index), 3)
         yield record
 
@@ -359,6 +422,23 @@ def _made(state: RunState, index: int, patches: list[Patch]) -> None:
     state.unreported[index] = patches
 
 
+# An applied edit whose target NLL moved by less than this (relative) did nothing
+UNMOVED = 1e-6
+
+
+def no_op_reason(result: EditResult, pre: dict[str, Any], post: dict[str, Any]) -> str:
+    """Why an edit that was applied changed nothing (empty when it did something): its update
+    is zero, or the target's probability on the edited prompt did not move. Such an edit is
+    reported as "no-op", not "applied": a run of them must not pass as a run of edits."""
+    if all(e.update_ratio == 0 for e in result.layers):
+        return "the update is zero: the model is unchanged"
+    before, after = pre.get("nll_new"), post.get("nll_new")
+    if isinstance(before, float) and isinstance(after, float):
+        if abs(after - before) <= UNMOVED * max(1.0, abs(before)):
+            return f"the target's probability did not move (NLL {before:.6g} before and after)"
+    return ""
+
+
 def guard_record(result: EditResult) -> dict[str, Any]:
     layers = [e.guard() for e in result.layers]
     if len(layers) == 1:
@@ -372,8 +452,16 @@ def guard_layers(guard: dict[str, Any]) -> list[dict[str, Any]]:
     return guard.get("layers", [guard])
 
 
-def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditRequest]:
+def _requests(
+    opts: RunOptions, warn: Callable[[str], None], state: RunState | None = None
+) -> Iterator[EditRequest]:
+    """The run's requests, with their relation phrasings; given the run's ``state``, each
+    is also checked against the model's context (a bad one raises, or with --skip-invalid is
+    reported and skipped, as a malformed record is)."""
     table = read_phrasings(opts.phrasings) if opts.phrasings else {}
+    if state is not None:
+        limit = max_positions(state.loaded.model.config)
+        allowance = template_allowance(state.loaded.tok, state.hp, state.templates)
     for request in read_requests(
         opts.requests,
         fmt=opts.fmt,
@@ -381,7 +469,34 @@ def _requests(opts: RunOptions, warn: Callable[[str], None]) -> Iterator[EditReq
         limit=opts.limit,
         warn=warn,
     ):
-        yield with_phrasings(request, table)
+        request = with_phrasings(request, table)
+        if state is not None:
+            try:
+                check_length(state.loaded.tok, request, limit, allowance, opts.fluency)
+            except RequestError as err:
+                if not opts.skip_invalid:
+                    raise
+                warn(f"skipped: {err}")
+                continue
+        yield request
+
+
+def check_request_lengths(
+    loaded: LoadedModel, hp: HParams, opts: RunOptions, resume: Path | None = None
+) -> None:
+    """Before the run: every request of a requests file fits the model's context, its
+    prompt behind the longest context template (the run's own, or a bound from ``hp``) with
+    the target; the first that does not raises, naming its file, line and field. Standard
+    input is checked record by record as the run reads it, and so are skipped records."""
+    if opts.requests == "-" or opts.skip_invalid:
+        return
+    saved = resume / "templates.json" if resume else None
+    source = saved if saved and saved.exists() else opts.templates
+    templates = load_templates(source) if source else None
+    limit = max_positions(loaded.model.config)
+    allowance = template_allowance(loaded.tok, hp, templates)
+    for request in _requests(opts, lambda message: None):
+        check_length(loaded.tok, request, limit, allowance, opts.fluency)
 
 
 def run_edits(
@@ -395,16 +510,19 @@ def run_edits(
     """Run a batch; returns the run directory and the summary."""
     from rrome_cli.evaluate import render_summary, summarise
 
+    if not resume:
+        refuse_finished_run(opts.out)
+    # before the run directory is made: a bad corpus (or Ctrl-C here) leaves none behind
+    cov_from: list[dict[str, str]] = []
+    covariances, cov_source = prepare_covariances(loaded, hp, opts, cov_from)
     out = new_run_dir(resume or opts.out)
     report_path = out / "report.jsonl"
-    if not resume:
-        refuse_finished_run(out)
     previous = done_records(report_path) if resume else []
     if resume:
         report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
     templates = prepare_templates(loaded, hp, opts, out)
-    covariances, cov_source = prepare_covariances(loaded, hp, opts)
     state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
+    state.covariance_from = cov_from
     if resume:
         prov = json.loads((out / "run.json").read_text())
     else:
@@ -438,7 +556,7 @@ def run_edits(
         return index in done or (opts.shard is not None and index % opts.shard[1] != opts.shard[0])
 
     def todo() -> Iterator[tuple[int, EditRequest]]:
-        for index, request in enumerate(_requests(opts, warn)):
+        for index, request in enumerate(_requests(opts, warn, state)):
             requests.append(request)
             if not skipped(index):
                 yield index, request
@@ -524,9 +642,6 @@ def sequential_summary(
     }
 
 
-PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes
-
-
 def _with_keys(state: RunState) -> bool:
     return state.opts.sequential and state.hp.protect_weight > 0  # a resume needs the keys
 
@@ -544,7 +659,23 @@ def save_edit_patches(state: RunState, index: int, patches: list[Patch]) -> None
 def save_run_patches(state: RunState) -> None:
     """Every patch of the run in ``patches.safetensors`` (atomically); the journal goes."""
     save_patches(state.out / "patches.safetensors", state.patches, with_keys=_with_keys(state))
-    shutil.rmtree(state.out / PATCH_JOURNAL, ignore_errors=True)
+    clear_journal(state.out / PATCH_JOURNAL)
+
+
+# A journal file, or the temporary file it is written through (files.save_safetensors_atomic)
+_JOURNAL_FILE = re.compile(r"\.?\d{7}\.safetensors(\..+\.tmp)?")
+
+
+def clear_journal(journal: Path) -> None:
+    """Remove the journal's own files, then the folder if that left it empty: anything else
+    found there is not rrome's, and stays."""
+    if not journal.is_dir():
+        return
+    for path in journal.iterdir():
+        if _JOURNAL_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        journal.rmdir()
 
 
 def keep_reported_patches(state: RunState, report: Path) -> None:
@@ -556,7 +687,7 @@ def keep_reported_patches(state: RunState, report: Path) -> None:
 
 def _reported_patches(state: RunState, records: list[dict[str, Any]]) -> int:
     """How many patches the applied ``records`` made: one per edited layer each."""
-    return sum(r.get("status") == "applied" for r in records) * len(state.hp.layers)
+    return _applied(records) * len(state.hp.layers)
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
@@ -568,14 +699,9 @@ def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
     Patches are saved before their report line, so an interruption in between leaves one
     edit more than the report holds; that edit is dropped and made again."""
     path = state.out / "patches.safetensors"
-    applied = [r["index"] for r in previous if r.get("status") == "applied"]
-    per_edit = len(state.hp.layers)
     patches = (load_patches(path) if path.exists() else [])[: _reported_patches(state, previous)]
-    journal = state.out / PATCH_JOURNAL
-    for index in applied[len(patches) // per_edit :]:
-        shard = journal / f"{index:07d}.safetensors"
-        if shard.exists():
-            patches += load_patches(shard)
+    for shard in _journal_shards(state.out, previous, len(patches), len(state.hp.layers)):
+        patches += load_patches(shard)
     state.patches = patches
     save_run_patches(state)
     if not state.opts.sequential:
@@ -585,6 +711,49 @@ def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
         state.base_weights.setdefault(patch.module, w.detach().float().clone())
         apply_patch(state.loaded.model, patch)
     protect_edited_keys(state.patches, state.covariances, state.hp.protect_weight)
+
+
+def _journal_shards(
+    out: Path, previous: list[dict[str, Any]], folded: int, per_edit: int
+) -> list[Path]:
+    """The journal files holding the applied edits of ``previous`` (report records) past the
+    first ``folded`` patches (those in patches.safetensors). The report and the patches never
+    disagree: an edit in neither raises, naming what is missing."""
+    applied = [r["index"] for r in previous if r.get("status") == "applied"]
+    needed = len(applied) * per_edit
+    shards = [out / PATCH_JOURNAL / f"{i:07d}.safetensors" for i in applied[folded // per_edit :]]
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        folded_file = out / "patches.safetensors"
+        held = f"holds {folded} of" if folded_file.exists() else "is missing, and with it"
+        raise PatchFileError(
+            f"{folded_file}: {held} the {needed} patches of the report's {len(applied)} "
+            f"applied edits, and the journal {out / PATCH_JOURNAL} lacks {len(missing)} of "
+            f"the rest ({missing[0].name}, ...): the run cannot go on with its report and "
+            f"patches in step. Put {folded_file.name} back, or start again with a new --out"
+        )
+    return shards
+
+
+def check_resume(out: Path, hp: HParams, opts: RunOptions) -> None:
+    """Before the model loads: ``--resume out`` can keep its report and patches in step, and
+    will replace no model folder that rrome did not write."""
+    report, folded = out / "report.jsonl", out / "patches.safetensors"
+    count = len(load_patches(folded)) if folded.exists() else 0
+    if not report.exists() and count:
+        raise FileNotFoundError(
+            f"{report}: missing, while {folded} holds {count} patches; a resume would drop "
+            "them. Put the report back, or start again with a new --out"
+        )
+    previous = done_records(report)
+    per_edit = len(hp.layers)
+    _journal_shards(out, previous, min(count, _applied(previous) * per_edit), per_edit)
+    if opts.save_model:
+        check_model_target(out / "model")
+
+
+def _applied(records: list[dict[str, Any]]) -> int:
+    return sum(r.get("status") == "applied" for r in records)
 
 
 def _safe_edit(
@@ -663,20 +832,51 @@ def warn_if_independent(patches: Path, n: int, console: Console) -> None:
             )
 
 
-def save_model_atomic(loaded: LoadedModel, target: Path) -> None:
-    """save_pretrained (safetensors) into a temporary directory, then rename into place."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model-"))
-    loaded.model.save_pretrained(tmp)
-    loaded.tok.save_pretrained(tmp)
-    publish(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+CHECKPOINT_MARK = "rrome-checkpoint.json"  # in every checkpoint rrome writes
+
+
+def check_model_target(target: Path, replace: bool = False) -> None:
+    """``target`` may be written: it is new, a checkpoint rrome wrote (it holds
+    CHECKPOINT_MARK), or ``replace`` says so (``rrome apply --overwrite``, which checks it is
+    a checkpoint). Anything else would be deleted by the replacement: refused."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if replace or (target.is_dir() and (target / CHECKPOINT_MARK).is_file()):
+        return
+    raise FileExistsError(
+        f"{target}: exists and is not a checkpoint rrome wrote; rrome replaces only its own. "
+        "Move it away, or choose another --out"
+    )
+
+
+def save_model_atomic(loaded: LoadedModel, target: Path, replace: bool = False) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then rename into place. An
+    existing ``target`` is replaced only as ``check_model_target`` allows."""
+    check_model_target(target, replace)
+    tmp = make_dir(target.parent, ".model-")
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tok.save_pretrained(tmp)
+        mark = {"written_by": "rrome", "model": loaded.model_id, "version": _version("rrome-cli")}
+        (tmp / CHECKPOINT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+        publish(tmp)
+        if target.exists() or target.is_symlink():  # set the old one aside until the new is in
+            old = make_dir(target.parent, ".model-old-")
+            target.rename(old / target.name)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_run(out: Path) -> tuple[dict[str, Any], HParams, RunOptions]:
     """run.json of an earlier run: its provenance, hparams and options (for --resume)."""
-    prov = json.loads((out / "run.json").read_text())
+    prov = read_json_file(out / "run.json")
+    if not isinstance(prov, dict) or not isinstance(prov.get("options"), dict):
+        raise RequestError(str(out / "run.json"), None, None, "not an rrome run.json")
     opts = dict(prov["options"])
     for key in ("out", "templates"):
         opts[key] = Path(opts[key]) if opts.get(key) else None

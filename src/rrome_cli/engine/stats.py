@@ -17,7 +17,9 @@ How the pass runs:
 - Under ``torchrun`` each rank takes batches ``i % world == rank`` and the float64 sums and
   counts are all-reduced; rank 0 writes the cache.
 - The result is cached as safetensors keyed by model, revision, module, corpus bytes, token
-  budget, max_len and dtype; partial sums are checkpointed so an interrupted run resumes.
+  budget, max_len and dtype; partial sums are checkpointed so an interrupted run resumes. A
+  local checkpoint's identity is the digest of its config and of its weight files' bytes
+  (remembered by path, size and mtime), so one rewritten in place gets its own C.
 
 Run under torchrun with ``torchrun --nproc_per_node K -m rrome_cli.engine.stats --model M
 --layer L`` (or ``torchrun --nproc_per_node K --no-python rrome stats ...``).
@@ -284,29 +286,79 @@ def batch_stream(
 # -------------------------------------------------------------------------------- cache identity
 
 
-def _local_model_digest(path: Path) -> str:
-    """config.json bytes, weights index bytes and weight file names + sizes of a checkpoint."""
+DIGESTS_FILE = "weight-digests.json"  # in the statistics cache directory
+
+
+def _local_model_digest(path: Path, stats_dir: Path | None = None) -> str:
+    """config.json bytes, weights index bytes, and each weight file's name and the sha256 of
+    its bytes. Names and sizes alone kept a checkpoint rewritten in place (``rrome apply
+    --overwrite``, a fine-tune saved to the same folder) on the old C."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / name).is_file():
             digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+    remembered = _Digests(stats_dir)
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}\n".encode())
+        digest.update(f"{weights.name}:{remembered.of(weights)}\n".encode())
+    remembered.save()
     return digest.hexdigest()[:16]
 
 
-def model_identity(model_id: str, revision: str | None) -> str:
-    """Hub id and revision; for a local checkpoint (or the embedded model) a content digest."""
+class _Digests:
+    """sha256 of weight files, remembered by (path, size, mtime): a 7B checkpoint is read
+    once (about 10 s), not at every run. A file rewritten in place changes its mtime (and
+    usually its size), so it is hashed again."""
+
+    def __init__(self, stats_dir: Path | None) -> None:
+        if stats_dir is None:
+            from rrome_cli.models.loading import cache_dir
+
+            stats_dir = cache_dir() / "stats"
+        self.path = Path(stats_dir) / DIGESTS_FILE
+        self.changed = False
+        try:
+            self.table: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: hashed again
+            self.table = {}
+        if not isinstance(self.table, dict):
+            self.table = {}
+
+    def of(self, file: Path) -> str:
+        info = file.stat()
+        key = str(file.resolve())
+        stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        known = self.table.get(key)
+        if isinstance(known, dict) and {k: known.get(k) for k in stamp} == stamp:
+            return str(known.get("sha256"))
+        self.table[key] = stamp | {"sha256": _file_digest(file)}
+        self.changed = True
+        return self.table[key]["sha256"]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.table, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only cache: the digests are computed again next time
+            pass
+
+
+def model_identity(model_id: str, revision: str | None, stats_dir: Path | None = None) -> str:
+    """Hub id and revision; for a local checkpoint (or the embedded model) a content digest
+    (weight file digests remembered under ``stats_dir``)."""
     if model_id.startswith(TINY_PREFIX):
         return model_id  # built in-process from a fixed seed
     if model_id == DEFAULT_MODEL:
         from rrome_cli.models.loading import embedded_model_dir
 
         # The embedded model is dequantised from a GGUF, so it is not the hub checkpoint.
-        return f"embedded:{DEFAULT_MODEL}:{_local_model_digest(embedded_model_dir())}"
+        return f"embedded:{DEFAULT_MODEL}:{_local_model_digest(embedded_model_dir(), stats_dir)}"
     path = Path(model_id).expanduser()
     if path.is_dir():
-        return f"local:{_local_model_digest(path)}"
+        return f"local:{_local_model_digest(path, stats_dir)}"
     return f"hub:{ALIASES.get(model_id, model_id)}@{revision or 'main'}"
 
 
@@ -534,11 +586,12 @@ def _key(
     corpus: Corpus,
     tokens: int,
     max_len: int,
+    stats_dir: Path | None = None,
 ) -> dict[str, str]:
     weight = weight_as_out_in(get_module(model, names.rewrite(layer)))
     return {
         "format": FORMAT,
-        "model": model_identity(model_id, revision),
+        "model": model_identity(model_id, revision, stats_dir),
         "revision": revision or "",
         "module": names.rewrite(layer),
         "corpus_hash": corpus.digest,
@@ -627,7 +680,7 @@ def second_moment(
 
         stats_dir = cache_dir() / "stats"
     source = open_corpus(corpus)
-    key = _key(model, names, layer, model_id, revision, source, tokens, max_len)
+    key = _key(model, names, layer, model_id, revision, source, tokens, max_len, Path(stats_dir))
     path = cache_path(Path(stats_dir), model_id, key)
     rank, world = _world()
     cached = load_cached(path, key)

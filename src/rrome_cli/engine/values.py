@@ -368,9 +368,7 @@ class ValueBatch:
     leaves when it stops; ``add`` brings in the next. A batch of one is ``optimise_delta``.
     """
 
-    def __init__(
-        self, model: PreTrainedModel, names: ModuleNames, layer: int, hp: HParams
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, names: ModuleNames, layer: int, hp: HParams) -> None:
         self.model, self.hp = model, hp
         self.mlp = model.get_submodule(names.mlp(layer))
         self.rewrite = model.get_submodule(names.rewrite(layer))
@@ -479,8 +477,17 @@ def optimise_delta(
     batch = ValueBatch(model, names, layer, hp)
     batch.add(
         value_job(
-            tok, None, prompts, target, subject, hp, batch.d_out, batch.device, row_scale,
-            phrasings, read,
+            tok,
+            None,
+            prompts,
+            target,
+            subject,
+            hp,
+            batch.d_out,
+            batch.device,
+            row_scale,
+            phrasings,
+            read,
         )  # fmt: skip
     )
     while True:
@@ -590,8 +597,6 @@ def _read_positions(row: Row, i: int, mode: object) -> list[int]:
     if mode == "bare" and i == 0:  # the bare prompt, run whole
         return list(range(len(row.ids)))
     return []
-
-
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rich.console import Console
 from rrome_cli.evaluate.html_report import write_html
 from rrome_cli.evaluate.metrics import evaluate_requests
 from rrome_cli.evaluate.summary import render_summary, summarise
+from rrome_cli.lengths import check_length, max_positions
 from rrome_cli.models.loading import load_model
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict
 
@@ -39,8 +40,9 @@ class EvalOptions:
 
 def run_eval(opts: EvalOptions, console: Console) -> dict:
     from rrome_cli.engine.update import apply_patch, check_patches_fit, load_patches
-    from rrome_cli.run import new_run_dir, warn_if_independent, write_json
+    from rrome_cli.run import new_run_dir, refuse_finished_run, warn_if_independent, write_json
 
+    refuse_finished_run(opts.out, resumable=False)  # its report and summary would be replaced
     requests: list[EditRequest] = list(
         read_requests(
             opts.requests,
@@ -52,6 +54,9 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
     )
     patches = load_patches(opts.patches) if opts.patches else []  # before the long part
     base = load_model(opts.model, opts.dtype, opts.devices)
+    positions = max_positions(base.model.config)
+    for request in requests:  # before any forward allocates for it
+        check_length(base.tok, request, positions, 0, opts.fluency)
     if opts.patches:
         check_patches_fit(base.model, patches, opts.patches)
     console.print(f"evaluating {len(requests)} requests on {base.model_id}")

@@ -1,9 +1,10 @@
 """Run summaries: metric means with bootstrap intervals, edit outcome counts, and the S score.
 
-Records are report.jsonl lines: ``{"pre": {...}, "post": {...}, "status": "applied" | "rejected"
-| "failed", ...}``. Pre-edit metrics are summarised over every record that has them; post-edit
-metrics over applied edits only (a rejected or failed edit left the model as it was, so its
-"post" would only repeat "pre"). Intervals are 95% percentile-bootstrap intervals of the mean.
+Records are report.jsonl lines: ``{"pre": {...}, "post": {...}, "status": "applied" | "no-op"
+| "rejected" | "failed", ...}``. Pre-edit metrics are summarised over every record that has them;
+post-edit metrics over applied edits only (a no-op, rejected or failed edit left the model as it
+was, so its "post" would only repeat "pre"). Intervals are 95% percentile-bootstrap intervals
+of the mean.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ METRIC_ORDER = (
     "nll_true",
     "fluency",
 )
-STATUSES = ("applied", "rejected", "failed")
+STATUSES = ("applied", "no-op", "rejected", "failed")
 PROVENANCE_KEYS = ("model", "variant", "covariance", "dtype", "protocol")
 
 

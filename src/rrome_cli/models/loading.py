@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
-from rrome_cli.files import publish
+from rrome_cli.files import make_dir, publish
 from rrome_cli.models import tiny
 from rrome_cli.models.families import ModuleNames, module_names
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
@@ -99,7 +99,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    tmp = make_dir(target.parent, ".convert-")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     publish(tmp)
@@ -108,6 +108,33 @@ def embedded_model_dir() -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id has: ``./x``, ``/x``, ``~/x``, ``a/b/c``, a Windows path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_model(name: str) -> None:
+    """A model named by a local path: the path is there and its safetensors files are whole
+    (their headers read and their sizes match, no weights loaded). Errors name the file; a
+    truncated shard was an internal SafetensorError, and a path that is not there got the
+    hub's "Repo id must be in the form ..." message."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for weights in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise ModelLoadError(
+                    f"model {name}: {weights}: cannot read its weights, the file is damaged or "
+                    f"truncated ({err})"
+                ) from None
+    elif path.exists():
+        raise ModelLoadError(f"model {name}: {path} is a file; give the checkpoint's folder")
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"model {name}: no such directory")
 
 
 def resolve(model: str | None) -> str:
@@ -127,10 +154,12 @@ def load_config(model: str | None) -> PretrainedConfig:
     shipped = shipped_config(model)
     if shipped is not None:
         return AutoConfig.from_pretrained(str(shipped))
+    check_local_model(model)
     try:
         return AutoConfig.from_pretrained(ALIASES.get(model, model))
     except OSError as err:
-        raise ModelLoadError(f"--model {model}: no config found ({err})") from None
+        found = f"no config found ({_where_not(model)}{err})"
+        raise ModelLoadError(f"--model {model}: {found}") from None
 
 
 def choose_dtype(
@@ -170,10 +199,11 @@ def load_model(
         net = net.to(dtype=DTYPES.get(dtype or "fp32"), device=targets[0])
         return LoadedModel(net, tok, module_names(type(net).__name__, overrides), name, None)
     source = resolve(name)
+    check_local_model(source)  # hub ids pass; the embedded model's converted copy is checked
     try:
         config = load_config(model) if shipped_config(name) else AutoConfig.from_pretrained(source)
     except OSError as err:  # no such path, not a checkpoint, or the hub out of reach
-        raise ModelLoadError(f"model {name}: cannot load ({err})") from None
+        raise ModelLoadError(f"model {name}: cannot load ({_where_not(name)}{err})") from None
     torch_dtype = choose_dtype(config, dtype, targets)
     if device_map is None and (len(targets) > 1 or max_memory):
         from rrome_cli.memcheck import plan
@@ -188,8 +218,8 @@ def load_model(
             device_map=device_map if sharded else None,
             offload_folder=str(cache_dir() / "offload") if sharded else None,
         )
-    except OSError as err:
-        raise ModelLoadError(f"model {name}: cannot load ({err})") from None
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"model {name}: cannot load ({_where_not(name)}{err})") from None
     if not sharded:
         net = net.to(targets[0] if device_map is None else _as_device(device_map[""]))
     arch = (config.architectures or [type(net).__name__])[0]
@@ -211,6 +241,11 @@ def load_skeleton(model: str | None = None) -> tuple[PreTrainedModel, str, str |
     if Path(source).exists():  # a local checkpoint: absolute, so it loads from anywhere
         source = str(Path(source).resolve())
     return net, source, getattr(config, "_commit_hash", None)
+
+
+def _where_not(name: str) -> str:
+    """For a name that is not a local folder, say so before the hub's own message."""
+    return "" if Path(name).expanduser().exists() else "not a local folder, nor found on the hub: "
 
 
 def _check_present(targets: list[torch.device], spec: str | None) -> None:
