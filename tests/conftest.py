@@ -37,3 +37,16 @@ def umask_022() -> Iterator[None]:
     old = os.umask(0o022)
     yield
     os.umask(old)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model: bad input must fail before that."""
+    import rrome_cli.evaluate.run as evaluate_run
+    import rrome_cli.models.loading as loading
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        pytest.fail("the model loaded")
+
+    for module in (loading, evaluate_run):  # every module that binds the name
+        monkeypatch.setattr(module, "load_model", fail)

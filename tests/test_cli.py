@@ -35,19 +35,6 @@ def unwrapped(text: str) -> str:
     return "".join(text.split())
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command loads a model (bad input must fail before that)."""
-    import rrome_cli.evaluate.run as evaluate_run
-    import rrome_cli.models.loading as loading
-
-    def fail(*_args: object, **_kwargs: object) -> None:
-        pytest.fail("the model loaded")
-
-    for module in (loading, evaluate_run):  # every module that binds the name
-        monkeypatch.setattr(module, "load_model", fail)
-
-
 def test_help_lists_commands_and_real_options() -> None:
     top = run("--help")
     assert top.exit_code == 0

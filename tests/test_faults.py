@@ -86,19 +86,6 @@ def a_saved_run(saved_run: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command loads a model: bad input must fail before that."""
-    import rrome_cli.evaluate.run as evaluate_run
-    import rrome_cli.models.loading as loading
-
-    def fail(*_args: object, **_kwargs: object) -> None:
-        pytest.fail("the model loaded")
-
-    for module in (loading, evaluate_run):  # every module that binds the name
-        monkeypatch.setattr(module, "load_model", fail)
-
-
 def refused(args: list[str], *watched: Path, expect: tuple[str, ...], code: int = 2) -> None:
     """``rrome args`` exits ``code``, its message holds each of ``expect``, and every watched
     path is bit for bit as it was (or still absent)."""
