@@ -255,19 +255,36 @@ def test_a_file_of_invalid_records_only_is_refused_with_skip_invalid(
     refused(args, path, expect=(f"no valid (2 skipped) requests in {path}",))
 
 
-def test_empty_standard_input_is_refused_before_the_model_loads(no_model_load: None) -> None:
-    result = run("edit", "-", *TINY, input="")
+@pytest.mark.parametrize("text", ["", "\n", "  \n\n\t\n"])
+def test_empty_standard_input_is_refused_before_the_model_loads(
+    text: str, no_model_load: None
+) -> None:
+    result = run("edit", "-", *TINY, input=text)
     assert result.exit_code == 2
     assert "no requests in <stdin>" in result.stderr
 
 
-def test_empty_standard_input_from_a_pipe_is_refused(tmp_path: Path) -> None:
-    """Through a real pipe, where the check peeks at the stream without consuming it."""
+@pytest.mark.parametrize("text", [b"", b"\n \n\n"])
+def test_empty_standard_input_from_a_pipe_is_refused(tmp_path: Path, text: bytes) -> None:
+    """Through a real pipe, where the lines read ahead must be given back to the run."""
     cmd = [sys.executable, "-m", "rrome_cli.cli", "edit", "-", *TINY, "--out", str(tmp_path / "r")]
-    proc = subprocess.run(cmd, input=b"", capture_output=True, timeout=120)
+    proc = subprocess.run(cmd, input=text, capture_output=True, timeout=120)
     assert proc.returncode == 2
     assert b"no requests in <stdin>" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_standard_input_after_blank_lines_keeps_every_record_and_its_line(
+    tmp_path: Path,
+) -> None:
+    """The blank lines read ahead (to refuse blank-only input early) are replayed: the
+    record after them is edited and a bad one is still named at its own line."""
+    out = tmp_path / "run"
+    text = "\n  \n" + json.dumps(GOOD) + '\n{"prompt": "no subject here"}\n'
+    result = run("edit", "-", *TINY, "--out", str(out), input=text)
+    assert result.exit_code == 2
+    assert names("<stdin>:4: field 'subject'") in said(result)
+    assert len((out / "report.jsonl").read_text().splitlines()) == 1
 
 
 def test_standard_input_streams_and_keeps_the_records_before_a_bad_one(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ class RequestError(ValueError):
 def _open(path: str | Path, name: str) -> Iterator[IO[Any]]:
     """Binary stream of ``path`` (``-``: standard input, left open)."""
     if str(path) == "-":
-        yield getattr(sys.stdin, "buffer", sys.stdin)  # a text stream when tests replace stdin
+        yield _stdin()
         return
     try:
         stream = open(path, "rb")  # closed below; jsonlines decodes lines
@@ -604,18 +604,45 @@ def check_requests(
 
 
 def stdin_is_empty() -> bool:
-    """Whether standard input ends before its first byte, found without consuming any (the run
-    reads it as a stream later). Input that begins with blank lines counts as not empty here;
-    the reader still refuses it at its end."""
-    stream = getattr(sys.stdin, "buffer", sys.stdin)
-    if hasattr(stream, "peek"):  # a buffered reader: a pipe, a terminal, a file
-        return not stream.peek(1)
-    if stream.seekable():  # an in-memory stream (tests)
-        at = stream.tell()
-        first = stream.read(1)
-        stream.seek(at)
-        return not first
-    return False
+    """Whether standard input ends with nothing but blank lines. The lines read to find out
+    are given again, first, to whoever reads standard input next (the run streams it)."""
+    global _replayed
+    stream = _stdin()
+    head: list[Any] = []
+    while line := stream.readline():
+        head.append(line)
+        if line.strip():
+            break
+    _replayed = _Replayed(head, getattr(stream, "stream", stream))
+    return not any(line.strip() for line in head)
+
+
+_replayed: _Replayed | None = None
+
+
+def _stdin() -> IO[Any]:
+    """Standard input as bytes (text where tests replace it), with lines read ahead first."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)  # text when tests replace stdin
+    if _replayed is not None and _replayed.stream is stream:
+        return _replayed  # type: ignore[return-value]
+    return stream
+
+
+class _Replayed:
+    """``head``, lines already read from ``stream``, then the rest of ``stream``."""
+
+    def __init__(self, head: list[Any], stream: IO[Any]) -> None:
+        self._head, self.stream = head, stream
+
+    def readline(self) -> Any:
+        return self._head.pop(0) if self._head else self.stream.readline()
+
+    def read(self, size: int = -1) -> Any:
+        return self._head.pop(0) if self._head else self.stream.read(size)
+
+    def __iter__(self) -> Iterator[Any]:
+        while line := self.readline():
+            yield line
 
 
 def _as_record(value: Any, name: str, line: int) -> _Record:
