@@ -18,7 +18,7 @@ from rrome_cli import run as run_module
 from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
 from rrome_cli.engine.update import Patch, load_patches, save_patches
-from rrome_cli.models.loading import load_model
+from rrome_cli.models.loading import load_model, load_tokenizer
 from rrome_cli.run import RunOptions, run_edits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -586,6 +586,29 @@ def test_memory_plan_counts_phrasings_that_requests_bring(
     ):
         cli.check_memory("smollm2-135m", None, "cpu", None, hp, False, opts)
     assert asked == [0, hp.max_phrasings, hp.max_phrasings, 0, 0]
+
+
+def test_memory_plan_is_for_the_longest_request(tmp_path: Path) -> None:
+    """memcheck before an edit plans the longest request of the file, not a typical one:
+    a long prompt widens the value pass and the key pass, and the plan's working set."""
+    from rrome_cli import cli, memcheck
+
+    hp = load_hparams(shipped_hparams("smollm2-135m"))
+    records = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:3]]
+    long = dict(records[1], prompt="Long ago and far away, " * 40 + records[1]["prompt"])
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], long, records[2]]))
+    tok = load_tokenizer("smollm2-135m")
+    shape = cli.longest_request(tok, RunOptions(requests=str(path)))
+    assert shape.to_subject > 200 > memcheck.TYPICAL.to_subject
+    assert cli.longest_request(tok, RunOptions(requests="-")) == memcheck.TYPICAL
+
+    def edit_bytes(shape: memcheck.PromptShape) -> int:
+        plan = memcheck.plan("smollm2-135m", None, "cpu", None, hp, shape=shape)
+        assert plan.geometry.prefix >= shape.to_subject
+        return plan.devices[0].edit
+
+    assert edit_bytes(shape) > 2 * edit_bytes(memcheck.TYPICAL)
 
 
 def test_memcheck_phrasings_option_plans_more_value_rows() -> None:

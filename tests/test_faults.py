@@ -440,6 +440,19 @@ def test_a_request_longer_than_the_context_exits_2_before_any_edit(
         assert not out.exists()
 
 
+def test_a_request_longer_than_the_context_is_refused_before_memcheck_and_the_load(
+    tmp_path: Path, no_model_load: None
+) -> None:
+    """On SmolLM2 (8,192 positions) a 10,000-word prompt is named as bad input (exit 2),
+    before memcheck (which plans the longest request and would say it does not fit) and
+    before the weights load."""
+    record = {**GOOD, "prompt": "Long ago, " * 5000 + GOOD["prompt"]}
+    path = write(tmp_path / "requests.jsonl", json.dumps(GOOD) + "\n" + json.dumps(record) + "\n")
+    args = ["edit", str(path), "--model", "smollm2-135m", "--devices", "cpu"]
+    refused([*args, "--out", str(tmp_path / "run")], path, expect=(f"{path}:2", "field 'prompt'"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_long_request_on_standard_input_stops_the_run_at_its_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
     text = json.dumps(GOOD) + "\n" + json.dumps(LONG) + "\n"

@@ -25,9 +25,9 @@ from rrome_cli.config import HParams, HParamsError, key_location, load_hparams, 
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
 from rrome_cli.engine.update import PatchFileError
-from rrome_cli.memcheck import MemcheckError
+from rrome_cli.memcheck import TYPICAL, MemcheckError, PromptShape, longest_shape
 from rrome_cli.models.families import UnknownArchitectureError
-from rrome_cli.models.loading import ModelLoadError
+from rrome_cli.models.loading import ModelLoadError, load_config, load_tokenizer
 from rrome_cli.models.registry import hparams_name
 from rrome_cli.requests import (
     FORMATS,
@@ -40,6 +40,8 @@ from rrome_cli.requests import (
 )
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from rrome_cli.run import RunOptions
 
 app = typer.Typer(
@@ -368,12 +370,14 @@ def edit_cmd(
                 raise typer.BadParameter("under torchrun, name the run directory: --out DIR")
             if devices is None and torch.cuda.is_available():
                 devices = str(local_rank)
-        device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts)
+        tok = load_tokenizer(model)  # the requests' lengths, before the weights load
+        check_request_lengths(tok, load_config(model), hp, opts, resume)
+        shape = longest_request(tok, opts)  # memcheck plans the longest request
+        device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts, shape)
         if not opts.batch:  # auto
-            opts.batch = auto_batch(model, dtype, devices, max_memory, hp)
+            opts.batch = auto_batch(model, dtype, devices, max_memory, hp, shape)
             console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
-        check_request_lengths(loaded, hp, opts, resume)  # before any edit allocates
         if ranks > 1:
             run_dir, summary = edit_ranks(
                 loaded, hp, opts, console, resume or out, resume is not None
@@ -411,7 +415,12 @@ def parse_batch(spec: str, sequential: bool, hp: HParams) -> int:
 
 
 def auto_batch(
-    model: str | None, dtype: str | None, devices: str | None, max_memory: str | None, hp: HParams
+    model: str | None,
+    dtype: str | None,
+    devices: str | None,
+    max_memory: str | None,
+    hp: HParams,
+    shape: PromptShape = TYPICAL,
 ) -> int:
     """``--batch auto``: on a GPU the most requests whose working sets memcheck says fit, on
     the CPU ``CPU_BATCH``."""
@@ -422,7 +431,7 @@ def auto_batch(
         return CPU_BATCH
     from rrome_cli.memcheck import largest_batch, plan
 
-    return largest_batch(plan(model, dtype, devices, parse_memory(max_memory), hp))
+    return largest_batch(plan(model, dtype, devices, parse_memory(max_memory), hp, shape=shape))
 
 
 def check_input(opts: RunOptions) -> None:
@@ -466,6 +475,19 @@ def parse_memory(spec: str | None) -> dict[str | int, str] | None:
     return parse_max_memory(spec)
 
 
+def longest_request(tok: PreTrainedTokenizerBase, opts: RunOptions | None) -> PromptShape:
+    """The shape of a requests file's longest request, which memcheck plans for; a typical
+    one's for standard input (not read twice)."""
+    if opts is None or opts.requests == "-":
+        return TYPICAL
+    with warnings.catch_warnings():  # the run warns about its records itself, once
+        warnings.simplefilter("ignore")
+        found = read_requests(
+            opts.requests, fmt=opts.fmt, skip_invalid=True, limit=opts.limit, on_skip=lambda e: 0
+        )
+        return longest_shape(tok, found)
+
+
 def check_memory(
     model: str | None,
     dtype: str | None,
@@ -474,16 +496,20 @@ def check_memory(
     hp: HParams,
     force: bool,
     opts: RunOptions | None = None,
+    shape: PromptShape | None = None,
 ) -> dict[str, int | str] | None:
     """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map.
     When ``opts``' requests may bring relation phrasings, the plan counts ``hp.max_phrasings``
-    more value prompts."""
+    more value prompts; it plans for ``shape`` (default: ``opts``' longest request)."""
     from rrome_cli.memcheck import plan, render
 
     if model and model.startswith("tiny-"):
         return None
     extra = hp.max_phrasings if opts and brings_phrasings(opts) else 0
-    memory_plan = plan(model, dtype, devices, parse_memory(max_memory), hp, phrasings=extra)
+    memory_plan = plan(
+        model, dtype, devices, parse_memory(max_memory), hp, phrasings=extra,
+        shape=shape or longest_request(load_tokenizer(model), opts),
+    )  # fmt: skip
     if memory_plan.fits:
         return memory_plan.device_map
     render(memory_plan, console)

@@ -38,7 +38,7 @@ import logging
 import os
 import shutil
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -356,23 +356,51 @@ class Geometry:
         return self.rows - 1
 
 
+@dataclass(frozen=True)
+class PromptShape:
+    """A bare prompt's tokens as the value step splits them (``prompt_row``)."""
+
+    to_subject: int  # BOS and the tokens before the subject's last one: the cached prefix
+    rest: int  # the subject's last token, the rest of the prompt, the target but its last
+    targets: int  # the target's tokens
+
+
+TYPICAL = PromptShape(PROMPT_TO_SUBJECT, PROMPT_AFTER_SUBJECT + TARGET_TOKENS, TARGET_TOKENS)
+
+
+def prompt_shape(tok: PreTrainedTokenizerBase, request: EditRequest) -> PromptShape:
+    row = prompt_row(tok, templated(tok, request, "{}"), request.target_new)
+    return PromptShape(row.split, len(row.ids) - row.split, len(row.targets))
+
+
+def longest_shape(tok: PreTrainedTokenizerBase, requests: Iterable[EditRequest]) -> PromptShape:
+    """The shape of the request with the most tokens (the largest working set), at least
+    a typical one's."""
+    shapes = [prompt_shape(tok, r) for r in requests]
+    return max([TYPICAL, *shapes], key=lambda s: (s.to_subject + s.rest, s.targets))
+
+
 def estimate_geometry(
-    hparams: HParams, n_templates: int | None = None, phrasings: int = 0
+    hparams: HParams,
+    n_templates: int | None = None,
+    phrasings: int = 0,
+    shape: PromptShape = TYPICAL,
 ) -> Geometry:
-    """A typical request's geometry for ``hparams``' context templates (BOS included), with
-    ``phrasings`` more rows when requests bring relation phrasings (``--phrasings``)."""
+    """The geometry of a request of ``shape`` (a typical one's by default) behind
+    ``hparams``' context templates, with ``phrasings`` more rows when requests bring relation
+    phrasings (``--phrasings``)."""
     lengths = [length for length, n in hparams.context_template_length_params for _ in range(n)]
     templates = (n_templates if n_templates is not None else 1 + len(lengths)) + phrasings
     longest = max(lengths, default=0) + TEMPLATE_EXTRA if templates > 1 else 0
-    prefix = 1 + longest + PROMPT_TO_SUBJECT - 1
-    suffix = 1 + PROMPT_AFTER_SUBJECT + TARGET_TOKENS - 1
+    prefix = longest + shape.to_subject
+    after_subject = shape.rest - shape.targets + 1  # the prompt's tokens after the subject
     return Geometry(
         rows=templates + 1,
         prefix=prefix,
-        suffix=suffix,
-        targets=templates * TARGET_TOKENS,
-        key_tokens=prefix + 1 + PROMPT_AFTER_SUBJECT,
-        whole=PROMPT_TO_SUBJECT + suffix if hparams.v_realized_delta == "bare" else 0,
+        suffix=shape.rest,
+        targets=templates * shape.targets,
+        key_tokens=prefix + after_subject,
+        whole=shape.to_subject + shape.rest if hparams.v_realized_delta == "bare" else 0,
     )
 
 
@@ -970,6 +998,7 @@ def plan(
     n_templates: int | None = None,
     *,
     phrasings: int = 0,
+    shape: PromptShape = TYPICAL,
     geometry: Geometry | None = None,
     device_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
@@ -982,7 +1011,8 @@ def plan(
     else the first GPU, else the CPU. ``max_memory``: accelerate's per-device limits, which
     also stand for the size of GPUs this machine does not have; "cpu"/"disk" allow offload.
     ``geometry``: the request's exact batch shapes (``geometry_for``) instead of a typical
-    request's (``estimate_geometry`` with ``n_templates``). ``device_map``: evaluate this
+    request's (``estimate_geometry`` with ``n_templates``, for a request of ``shape``: the
+    longest of a run's, ``longest_shape``). ``device_map``: evaluate this
     accelerate map instead of the one rrome would infer (its targets need sizes too).
     """
     limits = {
@@ -995,13 +1025,14 @@ def plan(
         torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
-    geo = geometry or estimate_geometry(hparams, n_templates, phrasings)
+    geo = geometry or estimate_geometry(hparams, n_templates, phrasings, shape)
     built = _model(model, torch_dtype, hparams)
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:
         result.fix = _cheapest_fix(
-            result, built, model, targets, limits, hparams, geo, batch_tokens, max_len, phrasings
-        )
+            result, built, model, targets, limits, hparams, geo, batch_tokens, max_len, phrasings,
+            shape,
+        )  # fmt: skip
     return result
 
 
@@ -1019,6 +1050,7 @@ def _cheapest_fix(
     batch_tokens: int,
     max_len: int,
     phrasings: int = 0,
+    shape: PromptShape = TYPICAL,
 ) -> str:
     """The first change, in order of cost to the user, under which the plan fits.
     ``phrasings``: rows of ``geo`` that are relation phrasings; fewer context templates keeps
@@ -1059,7 +1091,7 @@ def _cheapest_fix(
     context = templates = geo.templates - phrasings
     while templates > 1:
         templates = max(1, templates // 2)
-        if (p := attempt(geo=estimate_geometry(hparams, templates, phrasings))) is not None:
+        if (p := attempt(geo=estimate_geometry(hparams, templates, phrasings, shape))) is not None:
             return (
                 f"use fewer context templates: {templates} instead of {context} "
                 f"(shorter context_template_length_params; then {summary(p)})"
@@ -1156,11 +1188,13 @@ __all__ = [
     "LiveTensorBytes",
     "MemcheckError",
     "MemoryPlan",
+    "PromptShape",
     "device_map",
     "edit_working_set",
     "estimate_geometry",
     "geometry_for",
     "live_tensor_bytes",
+    "longest_shape",
     "measure_peak",
     "meta_model",
     "parse_max_memory",

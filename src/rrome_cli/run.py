@@ -33,6 +33,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit, edit_independent, protect_edited_keys
@@ -482,9 +483,13 @@ def _requests(
 
 
 def check_request_lengths(
-    loaded: LoadedModel, hp: HParams, opts: RunOptions, resume: Path | None = None
+    tok: PreTrainedTokenizerBase,
+    config: PretrainedConfig,
+    hp: HParams,
+    opts: RunOptions,
+    resume: Path | None = None,
 ) -> None:
-    """Before the run: every request of a requests file fits the model's context, its
+    """Before the model loads: every request of a requests file fits the model's context, its
     prompt behind the longest context template (the run's own, or a bound from ``hp``) with
     the target; the first that does not raises, naming its file, line and field. Standard
     input is checked record by record as the run reads it, and so are skipped records."""
@@ -493,10 +498,10 @@ def check_request_lengths(
     saved = resume / "templates.json" if resume else None
     source = saved if saved and saved.exists() else opts.templates
     templates = load_templates(source) if source else None
-    limit = max_positions(loaded.model.config)
-    allowance = template_allowance(loaded.tok, hp, templates)
+    limit = max_positions(config)
+    allowance = template_allowance(tok, hp, templates)
     for request in _requests(opts, lambda message: None):
-        check_length(loaded.tok, request, limit, allowance, opts.fluency)
+        check_length(tok, request, limit, allowance, opts.fluency)
 
 
 def run_edits(

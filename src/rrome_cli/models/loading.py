@@ -211,7 +211,7 @@ def load_model(
         device_map = plan(name, dtype, devices, max_memory, hparams or HParams()).device_map
     sharded = device_map is not None and set(device_map) != {""}
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = load_tokenizer(name)
         net = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
@@ -225,6 +225,17 @@ def load_model(
     arch = (config.architectures or [type(net).__name__])[0]
     revision = getattr(config, "_commit_hash", None)
     return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
+
+
+def load_tokenizer(model: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (seconds, where the weights take minutes)."""
+    name = model or DEFAULT_MODEL
+    if name.startswith(TINY_PREFIX):
+        return tiny.tiny_model(name[len(TINY_PREFIX) :])[1]
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name))
+    except OSError as err:
+        raise ModelLoadError(f"model {name}: cannot load ({_where_not(name)}{err})") from None
 
 
 def load_skeleton(model: str | None = None) -> tuple[PreTrainedModel, str, str | None]:
