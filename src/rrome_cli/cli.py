@@ -375,7 +375,7 @@ def edit_cmd(
         shape = longest_request(tok, opts)  # memcheck plans the longest request
         device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts, shape)
         if not opts.batch:  # auto
-            opts.batch = auto_batch(model, dtype, devices, max_memory, hp, shape)
+            opts.batch = auto_batch(model, dtype, devices, max_memory, hp, opts, shape)
             console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         if ranks > 1:
@@ -420,18 +420,20 @@ def auto_batch(
     devices: str | None,
     max_memory: str | None,
     hp: HParams,
+    opts: RunOptions,
     shape: PromptShape = TYPICAL,
 ) -> int:
-    """``--batch auto``: on a GPU the most requests whose working sets memcheck says fit, on
-    the CPU ``CPU_BATCH``."""
+    """``--batch auto``: on a GPU the most requests in flight together that memcheck says
+    fit (planned for ``shape``, the longest request), on the CPU ``CPU_BATCH``."""
     import torch
 
     on_gpu = torch.cuda.is_available() and (devices or "0") != "cpu"
     if not on_gpu or (model and model.startswith("tiny-")):
         return CPU_BATCH
-    from rrome_cli.memcheck import largest_batch, plan
+    from rrome_cli.memcheck import largest_batch
 
-    return largest_batch(plan(model, dtype, devices, parse_memory(max_memory), hp, shape=shape))
+    extra = hp.max_phrasings if brings_phrasings(opts) else 0
+    return largest_batch(model, dtype, devices, parse_memory(max_memory), hp, shape, extra)
 
 
 def check_input(opts: RunOptions) -> None:

@@ -40,7 +40,7 @@ import shutil
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,11 +65,12 @@ from rrome_cli.engine.values import (
     PackedPass,
     Readout,
     Row,
-    delta_site,
+    delta_site_of,
     frozen,
     kl_row,
     prompt_row,
 )
+from rrome_cli.evaluate.tokens import SCORE_BATCH
 from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
     DTYPES,
@@ -348,6 +349,7 @@ class Geometry:
     targets: int  # target tokens over all rewriting prompts: the logit rows the loss reads
     key_tokens: int  # longest templated prompt: the key pass
     whole: int = 0  # v_realized_delta "bare": the bare prompt's tokens, run again uncached
+    jobs: int = 1  # requests of this geometry in flight together (rrome edit --batch)
     # a real request's rows (tokens, split, subject, targets) as the engine feeds them, KL last
     exact: tuple[tuple[int, int, int, int], ...] = ()
 
@@ -501,7 +503,8 @@ def _fused_attention_on_meta() -> Iterator[None]:
 def trace_value_step(
     model: PreTrainedModel, names: ModuleNames, layer: int, geo: Geometry, kv_in_place: bool
 ) -> dict[str, int]:
-    """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``.
+    """Peak live bytes per phase of one optimisation step of delta, on a meta ``model``, for
+    ``geo.jobs`` requests in flight together (``ValueBatch``).
 
     Runs engine/values.py's own pieces on rows of ``geo``'s shapes: the prefix pass into a
     KV cache and the packed pass (``PackedPass``), the kept output of the blocks below the edit
@@ -522,16 +525,16 @@ def trace_value_step(
         shared_kv_heads(kv_in_place),
     ):
         tracker.set_phase("prefix")
-        rows = _meta_rows(geo)
-        packed = PackedPass(model, rows)
+        one = _meta_rows(geo)  # one request's rows; geo.jobs of them packed together
+        packed = PackedPass(model, one * geo.jobs)
         below_out = torch.zeros(*packed.shape, d_out, dtype=dtype, device="meta")  # noqa: F841
         read = torch.ones(weight_as_out_in(rewrite).shape[1]) if geo.whole else None
-        site = delta_site(packed, rows, torch.ones(len(rows)), read, "bare")
+        site = delta_site_of(packed, [(one, torch.ones(len(one)), read)] * geo.jobs, "bare")
         site.to(torch.device("meta"))
-        readout = Readout.of(packed, rows)
-        kl_ref = torch.zeros(1, vocab, device="meta")
-        z = torch.ones(d_out, device="meta")
-        delta = torch.zeros_like(z, requires_grad=True)
+        readout = Readout.of_jobs(packed, [one] * geo.jobs)
+        kl_ref = torch.zeros(geo.jobs, vocab, device="meta")
+        z = torch.ones(geo.jobs, d_out, device="meta")
+        delta = torch.zeros_like(z, requires_grad=True)  # every job's, each with Adam state
         opt = torch.optim.Adam([delta], lr=0.5)
 
         # Two steps: from the second on, Adam's state exists and the previous step's hidden
@@ -773,25 +776,34 @@ def _layer_costs(
     # apply_update: delta W (fp32) + old W kept for revert + W.float() + delta W (fp32), and
     # alongside the last either W.float() itself or its cast back (neither exists in fp32).
     update = d_out * d_in * (4 + size + 4 + (4 if size != 4 else 0))
-    keys = geo.templates * geo.key_tokens * (4 * d_out + 4 * d_in) * size
+    # the key pass of every request joining the batch together (prepare_layer)
+    keys = geo.jobs * geo.templates * geo.key_tokens * (4 * d_out + 4 * d_in) * size
     n_below, n_above = layer, n_layers - layer - 1
     value_total = max(c.at(n_below, n_above) for c in costs.values())
     vocab = model.get_output_embeddings().weight.shape[0]
+    # Finished edits are evaluated while the others stay in flight: the packed pass's prefix
+    # (its KV cache, the traced "prefix" phase) stays alive beside one scoring batch
+    # (SCORE_BATCH sequences, full logits in the model's dtype) and one edited W' at a time
+    # (rows_patched makes it as apply_update does: the size of ``update``).
+    eval_width = geo.key_tokens + geo.targets // geo.templates
+    scoring = SCORE_BATCH * eval_width * (vocab + 4 * d_out + 3 * d_in) * size
+    evaluation = costs["prefix"].at(n_below, n_above) + max(scoring, update)
     components = {
         "key_covariance_C": square if hparams.mom2_adjustment else 0,
         "cholesky_factor": cholesky,
         "factorisation_peak": factorise,
         "value_step": value_total,
         "value_activations": n_below * costs["forward"].below + n_above * costs["forward"].above,
-        "logits_target_rows": (geo.targets + 1) * vocab * (size + 4 + 4),
-        "logits_if_full": geo.rows * (geo.prefix + geo.suffix) * vocab * (size + 4 + 4),
+        "logits_target_rows": geo.jobs * (geo.targets + 1) * vocab * (size + 4 + 4),
+        "logits_if_full": geo.jobs * geo.rows * (geo.prefix + geo.suffix) * vocab * (size + 8),
         "kl_reference": vocab * 4,
         "adam_delta": 4 * d_out * 4,
         "key_pass": keys,
         "update": update,
-        "in_edit": max(value_total, update, keys),
+        "evaluation": evaluation,
+        "in_edit": max(value_total, update, keys, evaluation),
     }
-    at_edit = max(value.get(edit_at, 0), keys, update)
+    at_edit = max(value.get(edit_at, 0), keys, update, evaluation)
     value[edit_at] = max(factorise, cholesky + at_edit)
     if edit_at == "cpu" and hparams.mom2_adjustment:
         value[edit_at] += square  # C itself stays in RAM (SecondMoment.mom2) during the edit
@@ -978,13 +990,35 @@ def _plan(
     )
 
 
-def largest_batch(memory_plan: MemoryPlan, cap: int = 64) -> int:
-    """The most requests in flight together (``rrome edit --batch``) whose edit working sets
-    fit beside the weights on the edited layer's device: the working set grows about in
-    proportion to the requests (their rows of the packed value pass and of the head)."""
-    device = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
-    room = device.capacity - device.weights - device.reserve
-    return max(1, min(cap, room // max(device.edit, 1)))
+def largest_batch(
+    model: str | None,
+    dtype: str | None,
+    devices: str | None,
+    max_memory: dict[int | str, int | str] | None,
+    hparams: HParams,
+    shape: PromptShape = TYPICAL,
+    phrasings: int = 0,
+    cap: int = 64,
+) -> int:
+    """The most requests in flight together (``rrome edit --batch``, at most ``cap``) whose
+    plan fits: each count is planned as it runs (the value step of that many requests packed
+    together, their key pass, the evaluation beside the rest in flight); 1 when none does."""
+
+    def fits(jobs: int) -> bool:
+        memory_plan = plan(
+            model, dtype, devices, max_memory, hparams, phrasings=phrasings, shape=shape,
+            jobs=jobs,
+        )  # fmt: skip
+        return memory_plan.fits
+
+    low, high = 1, 2  # fits(low); is high too many?
+    while high <= cap and fits(high):
+        low, high = high, 2 * high
+    high = min(high, cap + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def plan(
@@ -999,6 +1033,7 @@ def plan(
     *,
     phrasings: int = 0,
     shape: PromptShape = TYPICAL,
+    jobs: int = 1,
     geometry: Geometry | None = None,
     device_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
@@ -1012,7 +1047,8 @@ def plan(
     also stand for the size of GPUs this machine does not have; "cpu"/"disk" allow offload.
     ``geometry``: the request's exact batch shapes (``geometry_for``) instead of a typical
     request's (``estimate_geometry`` with ``n_templates``, for a request of ``shape``: the
-    longest of a run's, ``longest_shape``). ``device_map``: evaluate this
+    longest of a run's, ``longest_shape``), ``jobs`` of them in flight together (``--batch``).
+    ``device_map``: evaluate this
     accelerate map instead of the one rrome would infer (its targets need sizes too).
     """
     limits = {
@@ -1025,7 +1061,7 @@ def plan(
         torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
-    geo = geometry or estimate_geometry(hparams, n_templates, phrasings, shape)
+    geo = replace(geometry or estimate_geometry(hparams, n_templates, phrasings, shape), jobs=jobs)
     built = _model(model, torch_dtype, hparams)
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:
@@ -1091,7 +1127,8 @@ def _cheapest_fix(
     context = templates = geo.templates - phrasings
     while templates > 1:
         templates = max(1, templates // 2)
-        if (p := attempt(geo=estimate_geometry(hparams, templates, phrasings, shape))) is not None:
+        fewer = replace(estimate_geometry(hparams, templates, phrasings, shape), jobs=geo.jobs)
+        if (p := attempt(geo=fewer)) is not None:
             return (
                 f"use fewer context templates: {templates} instead of {context} "
                 f"(shorter context_template_length_params; then {summary(p)})"

@@ -27,6 +27,7 @@ from rrome_cli.engine.update import Patch, rows_patched
 from rrome_cli.models.families import input_device
 
 PaddingSide = Literal["left", "right"]
+SCORE_BATCH = 32  # sequences per scoring forward (memcheck plans one such batch)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def score_answers(
     tok: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[str, str]],
     padding_side: PaddingSide = "right",
-    batch_size: int = 32,
+    batch_size: int = SCORE_BATCH,
     patches: Sequence[Sequence[Patch]] | None = None,
 ) -> list[AnswerScore]:
     """Teacher-forced argmax and log-probabilities of each ``(prompt, answer)``'s answer tokens,
