@@ -1,5 +1,8 @@
 """Two reference points for issue 7's rephrase target (>= 0.6) on SmolLM2 and CounterFact.
 
+Ran on an older rrome: the oracle sets ``v_stop: every``, removed after commit 8900851
+(``git checkout 8900851`` to run it as it ran; ``--extra inserts`` runs on the current code).
+
 1. ``natural``: the unedited model's own transfer. Of the records whose prompt it answers with
    the true object (teacher-forced token accuracy 1), how many rephrased prompts yield that
    object too? A model that does not carry its own true facts over to these rephrasings can

@@ -498,7 +498,7 @@ def trace_value_step(
         packed = PackedPass(model, rows)
         below_out = torch.zeros(*packed.shape, d_out, dtype=dtype, device="meta")  # noqa: F841
         read = torch.ones(weight_as_out_in(rewrite).shape[1]) if geo.whole else None
-        site = delta_site(packed, rows, torch.ones(len(rows)), read, "bare")
+        site = delta_site(packed, rows, torch.ones(len(rows)), read)
         site.to(torch.device("meta"))
         readout = Readout.of(packed, rows)
         kl_ref = torch.zeros(1, vocab, device="meta")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rrome_cli.config import REALIZED, HParams
+from rrome_cli.config import HParams
 from rrome_cli.engine.keys import Templated, keys_after_subjects, keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
@@ -152,11 +152,11 @@ class Prepared:
 
     def scales(self, hp: HParams) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(row_scale, read) of ``optimise_delta`` under ``hp.v_realized_delta``."""
+        if hp.v_realized_delta == "off":
+            return None, None
         k_ref = self.k_ref.to(self.u.device)
-        realized = hp.v_realized_delta
-        row_scale = (self.keys.to(self.u.device) @ self.u) / (k_ref @ self.u) if realized else None
-        read = self.u / (k_ref @ self.u) if realized in REALIZED else None
-        return row_scale, read
+        row_scale = (self.keys.to(self.u.device) @ self.u) / (k_ref @ self.u)
+        return row_scale, self.u / (k_ref @ self.u)
 
     def value_job(self, tok: PreTrainedTokenizerBase, hp: HParams, batch: ValueBatch) -> ValueJob:
         """This request's value optimisation, delta at 0, tagged with this object."""

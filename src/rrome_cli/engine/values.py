@@ -1,9 +1,8 @@
 """The value v*: optimise delta, added to the MLP output at the subject's last token (with
-``v_realized_delta`` ``suffix`` / ``answer`` / ``bare``, at other positions too, scaled as the
-update will add it there).
+``v_realized_delta: bare``, scaled as the update will add it there, and at every position of
+the bare prompt).
 
-Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing;
-         with v_bare_weight w: w * the bare prompt's + (1 - w) * that mean)
+Loss = mean NLL of the target over all templated prompts and relation phrasings (teacher forcing)
      + kl_factor * KL(edited || unedited) of the next token after the subject in "{subject} is a"
      + v_weight_decay * ||delta|| / ||z||^2          (z: the unedited MLP output, bare prompt)
 Adam on delta only; delta is clamped to clamp_norm_factor * ||z|| after each step.
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rrome_cli.config import HParams
+from rrome_cli.config import V_STOP_LOSS, HParams
 from rrome_cli.engine.hooks import (
     blocks_replaced,
     capture_input,
@@ -355,7 +354,7 @@ def value_job(
     rows.append(kl_row(tok, subject))  # the last row
     scale = torch.ones(len(rows)) if row_scale is None else row_scale.float().cpu()
     delta = torch.zeros(d_out, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(0.9, hp.v_adam_beta2))
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
     return ValueJob(tag, rows, scale, None if read is None else read.float(), delta, opt)
 
 
@@ -443,7 +442,7 @@ class ValueBatch:
         rows = [r for job in self.jobs for r in job.rows]
         packed = PackedPass(self.model, rows, self.blocks_below)
         parts = [(job.rows, job.scale, job.read) for job in self.jobs]
-        site = delta_site_of(packed, parts, self.hp.v_realized_delta)
+        site = delta_site_of(packed, parts)
         site.to(self.device)
         return packed, site, Readout.of_jobs(packed, [job.rows for job in self.jobs])
 
@@ -468,11 +467,10 @@ def optimise_delta(
     delta`` (prompts, phrasings, then the KL prompt). None adds the same delta everywhere, as
     ROME does; the engine passes (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is
     what the rank-one update will really add at each prompt's subject token.
-    ``read`` (d_in,), u / (u . k_ref): delta reaches a position whose key is k as (read . k)
-    delta, the rank-one update's own effect there: at every uncached position of every row
-    (``v_realized_delta: suffix``), at the subject's and the fed answer tokens (``answer``),
-    or at every position of the bare prompt, run whole, uncached (``bare``: its loss and stop
-    test read the edited model itself; the other rows as under true).
+    ``read`` (d_in,), u / (u . k_ref): delta reaches every position of the bare prompt, run
+    whole and uncached under ``v_realized_delta: bare``, whose key is k as (read . k) delta,
+    the rank-one update's own effect there: its loss and stop test read the edited model
+    itself.
     """
     batch = ValueBatch(model, names, layer, hp)
     batch.add(
@@ -546,24 +544,19 @@ class DeltaSite:
 
 
 def delta_site(
-    packed: PackedPass,
-    rows: list[Row],
-    scale: torch.Tensor,
-    read: torch.Tensor | None,
-    mode: object,
+    packed: PackedPass, rows: list[Row], scale: torch.Tensor, read: torch.Tensor | None
 ) -> DeltaSite:
-    """The share of delta per slot for ``v_realized_delta`` ``mode``, for one job's ``rows``;
-    ``scale``: per row."""
-    return delta_site_of(packed, [(rows, scale, read)], mode)
+    """The share of delta per slot for one job's ``rows``; ``scale``: per row."""
+    return delta_site_of(packed, [(rows, scale, read)])
 
 
 def delta_site_of(
-    packed: PackedPass,
-    jobs: list[tuple[list[Row], torch.Tensor, torch.Tensor | None]],
-    mode: object,
+    packed: PackedPass, jobs: list[tuple[list[Row], torch.Tensor, torch.Tensor | None]]
 ) -> DeltaSite:
     """The share of delta per slot for ``jobs`` (each: rows, scale per row, read), whose rows
-    ``packed`` holds in job order."""
+    ``packed`` holds in job order. A job given ``read`` reads its bare prompt's (its first
+    row's) shares off the keys at every position; every other row gets its scale at its
+    subject's last token."""
     n = packed.shape[0] * packed.shape[1]
     fixed, reads = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     owner = torch.zeros(n, dtype=torch.long)
@@ -571,7 +564,7 @@ def delta_site_of(
     for j, (rows, scale, read) in enumerate(jobs):
         z_slots.append(packed.slot(i, rows[0].subject))
         for local, r in enumerate(rows):
-            at = _read_positions(r, local, mode) if read is not None else []
+            at = list(range(len(r.ids))) if read is not None and local == 0 else []
             slots = [packed.slot(i, p) for p in at] if at else [packed.slot(i, r.subject)]
             owner[slots] = j
             if at:
@@ -585,18 +578,6 @@ def delta_site_of(
         zero = torch.zeros(reading[0].shape[0])
         stacked = torch.stack([zero if read is None else read.cpu() for _, _, read in jobs])
     return DeltaSite(fixed, reads, stacked, torch.tensor(z_slots), owner)
-
-
-def _read_positions(row: Row, i: int, mode: object) -> list[int]:
-    """Positions of ``row`` (the ``i``-th) whose share of delta is read off their keys."""
-    if mode == "suffix":
-        return list(range(row.split, len(row.ids)))
-    if mode == "answer":  # the subject's last token and the fed answer tokens
-        answer = min((j + 1 for j, _ in row.targets), default=len(row.ids))
-        return [row.subject, *range(answer, len(row.ids))]
-    if mode == "bare" and i == 0:  # the bare prompt, run whole
-        return list(range(len(row.ids)))
-    return []
 
 
 @dataclass
@@ -659,23 +640,17 @@ def _value_loss(
     z: torch.Tensor,
     hp: HParams,
 ) -> torch.Tensor:
-    """NLL (the mean, ``v_bare_weight`` of it the bare prompt's) + kl_factor * KL(edited ||
-    unedited) after the KL prompt + weight decay."""
+    """Mean NLL + kl_factor * KL(edited || unedited) after the KL prompt + weight decay."""
     kl = F.kl_div(kl_ref, kl_log_probs, log_target=True, reduction="batchmean")
     decay = hp.v_weight_decay * delta.norm() / z.norm() ** 2
-    w = hp.v_bare_weight
-    nll = nll_each.mean() if w == 0 else w * nll_each[0] + (1 - w) * nll_each.mean()
-    return nll + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
+    return nll_each.mean() + hp.kl_factor * kl.to(nll_each.device) + decay.to(nll_each.device)
 
 
 def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
-    """v_stop "loss": ROME's stop, the total loss below v_stop_loss. "target": the target's
+    """v_stop "loss": ROME's stop, the total loss below V_STOP_LOSS. "target": the target's
     mean token probability is v_stop_prob or more on the bare prompt (row 0) and on average
-    over the other prompts (templated, and phrasings), whatever the KL term says. "every": it
-    is v_stop_prob or more on each prompt."""
+    over the other prompts (templated, and phrasings), whatever the KL term says."""
     if hp.v_stop == "loss":
-        return loss.item() < hp.v_stop_loss
+        return loss.item() < V_STOP_LOSS
     prob = torch.exp(-nll_each)  # (n_rewrite,)
-    if hp.v_stop == "every":
-        return prob.min().item() >= hp.v_stop_prob
     return prob[0].item() >= hp.v_stop_prob and prob.mean().item() >= hp.v_stop_prob
