@@ -24,6 +24,7 @@ from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
 from rrome_cli.engine.hooks import edit_output, shared_kv_heads, weights_on_cpu
 from rrome_cli.engine.keys import keys_at, phrased, templated
+from rrome_cli.engine.packing import PackedPass, Readout, Row, pack
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
@@ -34,16 +35,7 @@ from rrome_cli.engine.update import (
     right_vector,
     save_patches,
 )
-from rrome_cli.engine.values import (
-    PackedPass,
-    Readout,
-    Row,
-    ValueResult,
-    _value_loss,
-    kl_row,
-    pack,
-    prompt_row,
-)
+from rrome_cli.engine.values import ValueResult, _value_loss, kl_row, prompt_row
 from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
 from rrome_cli.models.tiny import tiny_model

@@ -61,15 +61,8 @@ from transformers import (
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import shared_kv_heads
 from rrome_cli.engine.keys import phrased, templated
-from rrome_cli.engine.values import (
-    PackedPass,
-    Readout,
-    Row,
-    delta_site,
-    frozen,
-    kl_row,
-    prompt_row,
-)
+from rrome_cli.engine.packing import PackedPass, Readout, Row, delta_site
+from rrome_cli.engine.values import frozen, kl_row, prompt_row
 from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
     DTYPES,
