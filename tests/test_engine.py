@@ -35,7 +35,7 @@ from rrome_cli.engine.update import (
     right_vector,
     save_patches,
 )
-from rrome_cli.engine.values import ValueResult, _value_loss, kl_row, prompt_row
+from rrome_cli.engine.values import ValueResult, ValueSpec, _value_loss, kl_row, prompt_row
 from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
 from rrome_cli.models.tiny import tiny_model
@@ -223,7 +223,7 @@ def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
 def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
     """Replace the value optimisation: layer -> a given delta."""
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, *scale) -> ValueResult:  # noqa: ANN001
+    def fake(model, tok, names, layer, hp, spec) -> ValueResult:  # noqa: ANN001
         delta = delta_for(layer)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
@@ -890,7 +890,7 @@ def test_realized_delta_scales_each_prompt_by_its_key(
     real = edit_module.optimise_delta
 
     def spy(*args: Any, **kwargs: Any) -> ValueResult:
-        seen.append(args[8] if len(args) > 8 else kwargs.get("row_scale"))
+        seen.append(args[5].row_scale)  # the ValueSpec
         return real(*args, **kwargs)
 
     monkeypatch.setattr(edit_module, "optimise_delta", spy)
@@ -934,10 +934,8 @@ def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: s
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_lr=0.5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(values_module, "_value_loss", spy)
-        values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-            read=read,
-        )  # fmt: skip
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, read=read)
+        values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     delta, nll_each = seen[-1]
     assert nll_each.shape == (len(TEMPLATES),)
     assert delta.norm() > 0
@@ -967,10 +965,9 @@ def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=1)
-    values_module.optimise_delta(
-        model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-        None, phrasings, random_delta(d_in, seed=2),
-    )  # fmt: skip
+    read = random_delta(d_in, seed=2)
+    spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, phrasings, read=read)
+    values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     ((packed, rows, site),) = made
     assert len(rows) == len(TEMPLATES) + 1 + 1  # the bare prompt once (whole), the KL prompt
     assert rows[0].split == 0 and all(r.split > 0 for r in rows[1:])
@@ -1039,9 +1036,9 @@ def test_phrasings_join_the_value_prompts_but_not_k_star(monkeypatch: pytest.Mon
     with_them = EditRequest(**{**vars(REQUEST), "phrasings": phrasings})
     seen: list[tuple[list[str], torch.Tensor]] = []
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, scale, phrasings, read):  # noqa: ANN001, ANN202
-        assert read is not None  # "bare": the bare prompt reads its shares off its keys
-        seen.append(([p.text for p in [*prompts, *phrasings]], scale))
+    def fake(model, tok, names, layer, hp, spec):  # noqa: ANN001, ANN202
+        assert spec.read is not None  # "bare": the bare prompt reads its shares off its keys
+        seen.append(([p.text for p in [*spec.prompts, *spec.phrasings]], spec.row_scale))
         delta = torch.ones(model.config.hidden_size)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
@@ -1094,9 +1091,11 @@ def test_phrasings_optimise_as_the_same_prompts_given_as_templates(family: str) 
     phrasings = [phrased(tok, REQUEST.subject, p) for p in texts]
     scale = torch.linspace(0.5, 1.5, len(prompts) + len(phrasings) + 1)
     hp = hparams(v_num_grad_steps=3, v_lr=0.5)
-    args = (model, tok, names, LAYER)
-    apart = optimise_delta(*args, prompts, "English", REQUEST.subject, hp, scale, phrasings)
-    together = optimise_delta(*args, [*prompts, *phrasings], "English", REQUEST.subject, hp, scale)
+    args = (model, tok, names, LAYER, hp)
+    apart = optimise_delta(*args, ValueSpec(prompts, "English", REQUEST.subject, phrasings, scale))
+    together = optimise_delta(
+        *args, ValueSpec([*prompts, *phrasings], "English", REQUEST.subject, row_scale=scale)
+    )
     assert apart.steps == together.steps == 3
     fp32_close(apart.delta, together.delta, rtol=1e-4)
     assert apart.nll == pytest.approx(together.nll, rel=1e-4)
@@ -1131,10 +1130,9 @@ def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_stop="target", v_stop_prob=1.0)
     try:
-        result = values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-            None, phrasings, random_delta(d_in, seed=2),
-        )  # fmt: skip
+        read = random_delta(d_in, seed=2)
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, phrasings, read=read)
+        result = values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     finally:
         hook.remove()
         top_hook.remove()
@@ -1162,9 +1160,8 @@ def _optimise(family: str) -> tuple[torch.Tensor, list[bool]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        result = values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp
-        )
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject)
+        result = values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     return result.delta, gqa
 
 

@@ -50,7 +50,7 @@ from rrome_cli.engine.update import (  # noqa: E402
     restore_weight,
     right_vector,
 )
-from rrome_cli.engine.values import ValueResult, kl_prompt, optimise_delta  # noqa: E402
+from rrome_cli.engine.values import ValueResult, ValueSpec, kl_prompt, optimise_delta  # noqa: E402
 from rrome_cli.evaluate.metrics import evaluate_request  # noqa: E402
 from rrome_cli.evaluate.tokens import score_answers  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
@@ -100,10 +100,8 @@ def oracle_patch(
     k_star = keys[: len(templates)].mean(0)  # the templates' mean, as shipped
     u, _ = left_vector(cov, k_star)
     row_scale = (keys @ u) / (k_star @ u)  # what the update will add at each row
-    value = optimise_delta(
-        lm.model, lm.tok, lm.names, layer, prompts, request.target_new, request.subject, hp,
-        row_scale=row_scale,
-    )  # fmt: skip
+    spec = ValueSpec(prompts, request.target_new, request.subject, row_scale=row_scale)
+    value = optimise_delta(lm.model, lm.tok, lm.names, layer, hp, spec)
     right = right_vector(value.delta, k_star, u)
     module = lm.names.rewrite(layer)
     dtype = str(lm.model.get_submodule(module).weight.dtype)

@@ -44,6 +44,22 @@ def kl_prompt(tok: PreTrainedTokenizerBase, subject: str) -> Templated:
 
 
 @dataclass
+class ValueSpec:
+    """What one request's delta is fitted to (``optimise_delta``'s question)."""
+
+    prompts: list[Templated]  # the templated prompts; prompts[0] is the bare prompt ("{}")
+    target: str
+    subject: str
+    phrasings: list[Templated] = field(default_factory=list)  # the relation's other phrasings
+    # (n_prompts + n_phrasings + 1,): row i (the KL prompt last) gets row_scale[i] * delta at
+    # its subject's last token; None: delta everywhere, as ROME
+    row_scale: torch.Tensor | None = None
+    # (d_in,) u / (u . k_ref): the bare prompt, run whole, gets (read . k) delta at each
+    # position whose key is k; None: the bare prompt as the other prompts
+    read: torch.Tensor | None = None
+
+
+@dataclass
 class ValueResult:
     delta: torch.Tensor  # (d_out,) fp32 on the MLP's device
     z: torch.Tensor  # (d_out,) unedited MLP output at the subject's last token (bare prompt)
@@ -53,6 +69,27 @@ class ValueResult:
     steps: int
     seconds: float
     step_seconds: list[float]  # wall time of each optimisation step
+
+
+def optimise_delta(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    names: ModuleNames,
+    layer: int,
+    hp: HParams,
+    spec: ValueSpec,
+) -> ValueResult:
+    """Find delta for the MLP output at ``layer``: ROME's compute_v for ``spec``, one job of a
+    ``ValueBatch``. The engine passes (u . k_i) / (u . k_ref) as ``spec.row_scale`` and u /
+    (u . k_ref) as ``spec.read`` under ``v_realized_delta: bare``: what the rank-one update
+    will really add at each prompt, so the bare prompt's loss and stop test read the edited
+    model itself."""
+    batch = ValueBatch(model, names, layer, hp)
+    batch.add(value_job(tok, None, spec, hp, batch.d_out, batch.device))
+    while True:
+        done = batch.step()
+        if done:
+            return done[0].result()
 
 
 def prompt_row(
@@ -74,19 +111,6 @@ def kl_row(tok: PreTrainedTokenizerBase, subject: str) -> Row:
     return Row(kl.tokens.ids[: kl.subject_last + 1], kl.subject_last, kl.subject_last, [])
 
 
-@contextmanager
-def frozen(model: PreTrainedModel) -> Iterator[None]:
-    """No gradients for the weights: backward computes d loss / d delta only."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-
-
 @dataclass
 class ValueJob:
     """One request's value optimisation while it is in flight: its rows, how delta reaches
@@ -95,7 +119,7 @@ class ValueJob:
     tag: object
     rows: list[Row]  # the rewriting rows (bare prompt first), then the KL row
     scale: torch.Tensor  # (len(rows),) delta's share at each row's subject's last token
-    read: torch.Tensor | None  # (d_in,) u / (u . k_ref) under v_realized_delta, else None
+    read: torch.Tensor | None  # (d_in,) u / (u . k_ref) under v_realized_delta: bare
     delta: torch.Tensor  # (d_out,) fp32 leaf on the MLP's device
     opt: torch.optim.Optimizer
     started: float = field(default_factory=time.perf_counter)
@@ -124,23 +148,19 @@ class ValueJob:
 def value_job(
     tok: PreTrainedTokenizerBase,
     tag: object,
-    prompts: list[Templated],
-    target: str,
-    subject: str,
+    spec: ValueSpec,
     hp: HParams,
     d_out: int,
     device: torch.device,
-    row_scale: torch.Tensor | None = None,
-    phrasings: list[Templated] | None = None,
-    read: torch.Tensor | None = None,
 ) -> ValueJob:
-    """A job for ``optimise_delta``'s arguments (see there), delta at 0."""
+    """The job of ``spec``'s value optimisation: its rows, delta at 0, Adam."""
     rows = [
-        prompt_row(tok, p, target, whole=hp.v_realized_delta == "bare" and i == 0)
-        for i, p in enumerate(prompts)
+        prompt_row(tok, p, spec.target, whole=hp.v_realized_delta == "bare" and i == 0)
+        for i, p in enumerate(spec.prompts)
     ]
-    rows += [prompt_row(tok, p, target) for p in phrasings or []]
-    rows.append(kl_row(tok, subject))  # the last row
+    rows += [prompt_row(tok, p, spec.target) for p in spec.phrasings]
+    rows.append(kl_row(tok, spec.subject))  # the last row
+    row_scale, read = spec.row_scale, spec.read
     scale = torch.ones(len(rows)) if row_scale is None else row_scale.float().cpu()
     delta = torch.zeros(d_out, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -236,53 +256,6 @@ class ValueBatch:
         return packed, site, Readout.of_jobs(packed, [job.rows for job in self.jobs])
 
 
-def optimise_delta(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    names: ModuleNames,
-    layer: int,
-    prompts: list[Templated],
-    target: str,
-    subject: str,
-    hp: HParams,
-    row_scale: torch.Tensor | None = None,
-    phrasings: list[Templated] | None = None,
-    read: torch.Tensor | None = None,
-) -> ValueResult:
-    """Find delta for the MLP output at ``layer``; ``prompts[0]`` is the bare prompt ("{}").
-
-    ``phrasings``: other phrasings of the relation, optimised alongside the prompts.
-    ``row_scale`` (n_prompts + n_phrasings + 1,): delta reaches row i as ``row_scale[i] *
-    delta`` (prompts, phrasings, then the KL prompt). None adds the same delta everywhere, as
-    ROME does; the engine passes (u . k_i) / (u . k_ref) under ``v_realized_delta``, which is
-    what the rank-one update will really add at each prompt's subject token.
-    ``read`` (d_in,), u / (u . k_ref): delta reaches every position of the bare prompt, run
-    whole and uncached under ``v_realized_delta: bare``, whose key is k as (read . k) delta,
-    the rank-one update's own effect there: its loss and stop test read the edited model
-    itself.
-    """
-    batch = ValueBatch(model, names, layer, hp)
-    batch.add(
-        value_job(
-            tok,
-            None,
-            prompts,
-            target,
-            subject,
-            hp,
-            batch.d_out,
-            batch.device,
-            row_scale,
-            phrasings,
-            read,
-        )  # fmt: skip
-    )
-    while True:
-        done = batch.step()
-        if done:
-            return done[0].result()
-
-
 def _value_loss(
     nll_each: torch.Tensor,
     kl_log_probs: torch.Tensor,
@@ -305,3 +278,16 @@ def _reached(loss: torch.Tensor, nll_each: torch.Tensor, hp: HParams) -> bool:
         return loss.item() < V_STOP_LOSS
     prob = torch.exp(-nll_each)  # (n_rewrite,)
     return prob[0].item() >= hp.v_stop_prob and prob.mean().item() >= hp.v_stop_prob
+
+
+@contextmanager
+def frozen(model: PreTrainedModel) -> Iterator[None]:
+    """No gradients for the weights: backward computes d loss / d delta only."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
