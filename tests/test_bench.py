@@ -78,9 +78,9 @@ def test_a_section_measured_with_an_earlier_recipe_is_kept_aside_and_measured_ag
     (earlier,) = (tmp_path / "earlier").iterdir()  # the first measurement, moved, not lost
     assert json.loads(earlier.read_text())["recipe"] == {"v_lr": 1.0}
     # a hyperparameter added since, at its default, is the same recipe: nothing to measure
-    kept, stale = bench.run_sections(todo({"v_lr": 2.0, "v_bare_weight": 0.0}), tmp_path, [])
+    kept, stale = bench.run_sections(todo({"v_lr": 2.0, "protect_weight": 0.0}), tmp_path, [])
     assert calls == ["speed", "speed"] and stale == [] and kept["speed"]["x"] == 2
-    _, stale = bench.run_sections(todo({"v_lr": 2.0, "v_bare_weight": 0.5}), tmp_path, [], False)
+    _, stale = bench.run_sections(todo({"v_lr": 2.0, "protect_weight": 0.5}), tmp_path, [], False)
     assert stale == ["speed"]
 
 

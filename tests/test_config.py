@@ -41,11 +41,12 @@ def test_easyedit_layout_loads_unchanged() -> None:
     assert hp.mom2_adjustment is False
     assert hp.context_template_length_params == [[5, 10], [10, 10]]
     assert hp.rewrite_module_tmp == "model.layers.{}.mlp.down_proj"
-    assert hp.ln_f_module == "model.norm" and hp.lm_head_module == "lm_head"
     assert hp.stats_dir == "./data/stats"
-    # Each ignored EasyEdit key gets its own note naming the file.
+    # Each ignored EasyEdit key gets its own note naming the file; the keys rrome never read
+    # (fact_token, mom2_dtype, ln_f_module, lm_head_module) are among them.
     present = sorted(k for k in raw if k in IGNORED_KEYS)
-    assert present  # the layout does carry such keys
+    assert {"fact_token", "mom2_dtype", "ln_f_module", "lm_head_module"} <= set(present)
+    assert not set(present) & set(hp.to_dict())
     messages = [str(w.message) for w in caught]
     for key in present:
         assert any(repr(key) in m and str(EASYEDIT_LLAMA) in m for m in messages), key
@@ -69,24 +70,72 @@ def test_bad_value_names_file_line_and_key(tmp_path: Path) -> None:
     with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_lr must be a number"):
         load_hparams(path)
     path.write_text(head + "v_realized_delta: everywhere\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_realized_delta must be true, false"):
+    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_realized_delta must be off"):
         load_hparams(path)
-    path.write_text("v_realized_delta: suffix\n")
-    assert load_hparams(path).v_realized_delta == "suffix"
     path.write_text(head + "protect_weight: -1\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml:4: protect_weight must be 0"):
-        load_hparams(path)
-    path.write_text("v_bare_weight: 1\n")  # the templates would get nothing
-    with pytest.raises(HParamsError, match=r"bad\.yaml:1: v_bare_weight must be in \[0, 1\)"):
-        load_hparams(path)
-    path.write_text(head + "v_adam_beta2: 1.5\nv_lr: 1.0\n")
-    with pytest.raises(HParamsError, match=r"bad\.yaml:4: v_adam_beta2 must be in \[0, 1\)"):
         load_hparams(path)
     path.write_text(head + "v_lr: 1.0\nv_lrr: 1\n")
     with pytest.raises(HParamsError, match=r"bad\.yaml:5: unknown key 'v_lrr'"):
         load_hparams(path)
     with pytest.raises(HParamsError, match=r"^<hparams>: v_stop must be one of"):
         from_dict({"v_stop": "never"})  # no file, no lines: the mapping's name alone
+
+
+def test_realized_delta_is_off_or_bare(tmp_path: Path) -> None:
+    """YAML reads false and off as False: both are "off"; the removed values are refused."""
+    path = tmp_path / "h.yaml"
+    for text, expected in [("false", "off"), ("off", "off"), ("bare", "bare"), ('"off"', "off")]:
+        path.write_text(f"v_realized_delta: {text}\n")
+        assert load_hparams(path).v_realized_delta == expected
+    assert HParams().v_realized_delta == "off"
+    for removed in ("true", "suffix", "answer"):
+        path.write_text(f"v_realized_delta: {removed}\n")
+        with pytest.raises(HParamsError, match=r"h\.yaml:1: v_realized_delta must be off"):
+            load_hparams(path)
+    path.write_text("v_stop: every\n")
+    with pytest.raises(HParamsError, match=r"h\.yaml:1: v_stop must be one of loss, target"):
+        load_hparams(path)
+
+
+def test_removed_knobs_load_only_at_what_rrome_does(tmp_path: Path) -> None:
+    """run.json files and bench results written before the knobs left carry them at their
+    defaults: those still load, to the same recipe; any other value is refused."""
+    old = HParams().to_dict() | {"v_stop_loss": 0.05, "v_adam_beta2": 0.999, "v_bare_weight": 0}
+    old |= {"fact_token": "subject_last", "mom2_dtype": "float32", "lm_head_module": "lm_head"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert from_dict(old, "run.json") == HParams()
+    noted = sorted(str(w.message).split("'")[1] for w in caught)
+    assert noted == ["fact_token", "lm_head_module", "mom2_dtype"]  # the removed knobs: silent
+    path = tmp_path / "h.yaml"
+    path.write_text("layers: [5]\nv_stop_loss: 5e-2\n")  # YAML reads 5e-2 as a string
+    assert load_hparams(path) == HParams(layers=[5])
+    for line in ("v_bare_weight: 0.2", "v_adam_beta2: 0.9", "v_stop_loss: 1000"):
+        path.write_text(f"layers: [5]\n{line}\n")
+        key = line.split(":")[0]
+        with pytest.raises(HParamsError, match=rf"h\.yaml:2: {key} was removed.*got"):
+            load_hparams(path)
+
+
+def test_the_bench_of_record_still_measures_the_shipped_recipe() -> None:
+    """bench/results/2026-12-03.json's recipe, written with every knob since removed, is the
+    shipped SmolLM2 file's: `make bench` keeps its sections instead of measuring them again."""
+    kept = json.loads((ROOT / "bench" / "results" / "2026-12-03.json").read_text())["hparams"]
+    assert {"v_bare_weight", "v_adam_beta2", "v_stop_loss", "mom2_dtype"} <= set(kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert from_dict(kept) == load_hparams(shipped_hparams("smollm2-135m"))
+
+
+def test_fact_token_is_ignored_only_at_subject_last(tmp_path: Path) -> None:
+    path = tmp_path / "h.yaml"
+    path.write_text("fact_token: subject_last\n")
+    with pytest.warns(UserWarning, match=r"h\.yaml:1: ignoring 'fact_token'"):
+        load_hparams(path)
+    path.write_text("layers: [5]\nfact_token: last\n")
+    with pytest.raises(HParamsError, match=r"h\.yaml:2: fact_token 'last' is not supported"):
+        load_hparams(path)
 
 
 def test_ships_every_model_and_fixture() -> None:
@@ -136,8 +185,5 @@ def test_tiny_hparams_name_modules_of_the_fixture(path: Path) -> None:
     for layer in hp.layers:
         for name in (names.rewrite(layer), names.mlp(layer), names.layer(layer)):
             get_module(model, name)
-    get_module(model, names.ln_f_module)
-    head = get_module(model, names.lm_head_module)
-    assert head.weight.shape[0] == model.config.vocab_size  # the output head, not a hidden layer
     assert (hp.v_num_grad_steps, hp.context_template_length_params) == (10, [[3, 2]])
     assert (hp.mom2_adjustment, hp.mom2_n_samples) == (False, 2000)

@@ -24,6 +24,7 @@ from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import MissingStatisticsError, edit, edit_layer
 from rrome_cli.engine.hooks import edit_output, shared_kv_heads, weights_on_cpu
 from rrome_cli.engine.keys import keys_at, phrased, templated
+from rrome_cli.engine.packing import PackedPass, Readout, Row, pack
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
 from rrome_cli.engine.update import (
     KeyCovariance,
@@ -34,19 +35,7 @@ from rrome_cli.engine.update import (
     right_vector,
     save_patches,
 )
-from rrome_cli.engine.values import (
-    PackedPass,
-    Readout,
-    Row,
-    ValueResult,
-    _read_positions,
-    _value_loss,
-    delta_site,
-    frozen,
-    kl_row,
-    pack,
-    prompt_row,
-)
+from rrome_cli.engine.values import ValueResult, ValueSpec, _value_loss, kl_row, prompt_row
 from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
 from rrome_cli.models.tiny import tiny_model
@@ -234,7 +223,7 @@ def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
 def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
     """Replace the value optimisation: layer -> a given delta."""
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, *scale) -> ValueResult:  # noqa: ANN001
+    def fake(model, tok, names, layer, hp, spec) -> ValueResult:  # noqa: ANN001
         delta = delta_for(layer)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
@@ -889,9 +878,9 @@ def test_edit_with_key_statistics_solves_against_c(family: str) -> None:
     assert result.layers[0].denominator == pytest.approx(float(k_star @ c_inv_k), rel=1e-4)
 
 
-@pytest.mark.parametrize("realized", [False, True])
+@pytest.mark.parametrize("realized", ["off", "bare"])
 def test_realized_delta_scales_each_prompt_by_its_key(
-    monkeypatch: pytest.MonkeyPatch, realized: bool
+    monkeypatch: pytest.MonkeyPatch, realized: str
 ) -> None:
     """v_realized_delta: prompt i sees (u.k_i)/(u.k*) delta, which averages to exactly 1 over
     the templates under r-rome (k* is their mean key); off, no scale is passed at all."""
@@ -901,7 +890,7 @@ def test_realized_delta_scales_each_prompt_by_its_key(
     real = edit_module.optimise_delta
 
     def spy(*args: Any, **kwargs: Any) -> ValueResult:
-        seen.append(args[8] if len(args) > 8 else kwargs.get("row_scale"))
+        seen.append(args[5].row_scale)  # the ValueSpec
         return real(*args, **kwargs)
 
     monkeypatch.setattr(edit_module, "optimise_delta", spy)
@@ -914,7 +903,7 @@ def test_realized_delta_scales_each_prompt_by_its_key(
     )
     request = EditRequest(prompt="The capital of {} is", subject="Japan", target_new="Paris")
     edit(model, tok, request, hp, names)
-    if not realized:
+    if realized == "off":
         assert seen == [None]
         return
     (scale,) = seen
@@ -924,58 +913,11 @@ def test_realized_delta_scales_each_prompt_by_its_key(
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("realized", [True, "suffix"])
-def test_suffix_realized_delta_is_the_rank_one_update_itself(
-    family: str, realized: bool | str
-) -> None:
-    """The bare prompt's subject is its first token, so nothing delta reaches is cached: under
-    v_realized_delta "suffix" (delta at every column c as (u . k_c) / (u . k_ref)) the value's
-    loss reads exactly what W + delta u^T / (u . k_ref) gives. With true (delta at the subject's
-    token only) it does not: the update also moves the later positions, the target's own."""
-    model, tok, names = load(family)
-    prompts = [templated(tok, FIRST_TOKEN, "{}")]
-    target, subject = FIRST_TOKEN.target_new, FIRST_TOKEN.subject
-    rows = [prompt_row(tok, prompts[0], target), kl_row(tok, subject)]
-    rewrite = model.get_submodule(names.rewrite(LAYER))
-    d_out, d_in = weight_as_out_in(rewrite).shape
-    u, k_ref = random_delta(d_in, seed=2), random_delta(d_in, seed=3)
-    u = u if float(u @ k_ref) > 0 else -u
-    delta = 30 * random_delta(d_out, seed=4) / d_out**0.5
-    read = u / (u @ k_ref) if realized == "suffix" else None
-    packed = PackedPass(model, rows, [names.layer(i) for i in range(LAYER)])
-    site = delta_site(packed, rows, torch.ones(2), read, realized)
-    with frozen(model), torch.no_grad():
-        hidden = site.forward(packed, model.get_submodule(names.mlp(LAYER)), rewrite, delta)
-        nll = Readout.of(packed, rows).read(packed, hidden)[0][0].item()
-    apply_update(rewrite, torch.outer(delta, u) / (u @ k_ref))
-    (score,) = score_answers(model, tok, [(FIRST_TOKEN.text, target)])
-    edited = -sum(score.token_logprobs) / len(score.token_logprobs)
-    if realized == "suffix":
-        assert nll == pytest.approx(edited, rel=1e-4)
-    else:
-        assert abs(nll - edited) > 1e-2 * abs(edited)
-
-
-def test_answer_positions_are_the_subject_token_and_the_fed_answer(family: str) -> None:
-    """v_realized_delta "answer": delta's share at the subject's last token and at the fed
-    answer tokens, none at the prompt's words in between; the KL row: its subject only."""
-    _, tok, _ = load(family)
-    rows = value_rows(tok, REQUEST, TEMPLATES)
-    _, subject_at, targets = expected_rows(tok, REQUEST, TEMPLATES)
-    for i, row in enumerate(rows[:-1]):
-        first_answer = min(j for r, j, _ in targets if r == i) + 1  # its position
-        expected = [subject_at[i], *range(first_answer, len(row.ids))]
-        assert _read_positions(row, i, "answer") == expected
-        assert subject_at[i] + 1 < first_answer  # some prompt words get none
-    assert _read_positions(rows[-1], len(rows) - 1, "answer") == [rows[-1].subject]
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: str) -> None:
     """v_realized_delta "bare": the bare prompt's loss, the one its stop test reads, is exactly
     the edited model's NLL of the target, though the subject is not the prompt's first token (the
-    update also moves the positions before the subject's last token, which "suffix" caches);
-    and it is not counted twice."""
+    update also moves the positions before the subject's last token, which the other rows
+    cache); and it is not counted twice."""
     model, tok, names = load(family)
     rewrite = model.get_submodule(names.rewrite(LAYER))
     d_out, d_in = weight_as_out_in(rewrite).shape
@@ -992,10 +934,8 @@ def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: s
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_lr=0.5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(values_module, "_value_loss", spy)
-        values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-            read=read,
-        )  # fmt: skip
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, read=read)
+        values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     delta, nll_each = seen[-1]
     assert nll_each.shape == (len(TEMPLATES),)
     assert delta.norm() > 0
@@ -1008,8 +948,8 @@ def test_bare_realized_delta_reads_the_edited_model_on_the_bare_prompt(family: s
 def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Under "bare" the templated prompts and the relation phrasings take delta as under true
-    (at the subject's token, no ``read``); only the whole, uncached bare prompt gets the share."""
+    """Under "bare" the templated prompts and the relation phrasings take delta at their
+    subject's token, scaled (no ``read``); only the whole, uncached bare prompt gets the share."""
     model, tok, names = load("llama")
     made: list[tuple[PackedPass, list[Row], Any]] = []
     real = values_module.delta_site_of
@@ -1025,10 +965,9 @@ def test_bare_gives_the_update_its_later_share_on_the_bare_prompt_only(
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
     hp = hparams(v_realized_delta="bare", v_num_grad_steps=1)
-    values_module.optimise_delta(
-        model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-        None, phrasings, random_delta(d_in, seed=2),
-    )  # fmt: skip
+    read = random_delta(d_in, seed=2)
+    spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, phrasings, read=read)
+    values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     ((packed, rows, site),) = made
     assert len(rows) == len(TEMPLATES) + 1 + 1  # the bare prompt once (whole), the KL prompt
     assert rows[0].split == 0 and all(r.split > 0 for r in rows[1:])
@@ -1047,12 +986,9 @@ def test_stop_rules() -> None:
     assert not _reached(tiny_loss, nll, HParams(v_stop="target", v_stop_prob=0.9))
     good = -torch.log(torch.tensor([0.95, 0.9, 0.9]))
     assert _reached(torch.tensor(3.0), good, HParams(v_stop="target", v_stop_prob=0.9))
-    # mean 0.9 with one template at 0.8: enough for "target", not for "every"
+    # mean 0.9 with one template at 0.8: enough for "target"
     uneven = -torch.log(torch.tensor([0.95, 0.95, 0.8]))
     assert _reached(torch.tensor(3.0), uneven, HParams(v_stop="target", v_stop_prob=0.9))
-    assert not _reached(torch.tensor(3.0), uneven, HParams(v_stop="every", v_stop_prob=0.9))
-    all_above = -torch.log(torch.tensor([0.95, 0.92, 0.91]))
-    assert _reached(torch.tensor(3.0), all_above, HParams(v_stop="every", v_stop_prob=0.9))
 
 
 def test_k_bare_min_must_be_a_fraction() -> None:
@@ -1100,14 +1036,14 @@ def test_phrasings_join_the_value_prompts_but_not_k_star(monkeypatch: pytest.Mon
     with_them = EditRequest(**{**vars(REQUEST), "phrasings": phrasings})
     seen: list[tuple[list[str], torch.Tensor]] = []
 
-    def fake(model, tok, names, layer, prompts, target, subject, hp, scale, phrasings, read):  # noqa: ANN001, ANN202
-        assert read is None  # v_realized_delta true: the subject's token only
-        seen.append(([p.text for p in [*prompts, *phrasings]], scale))
+    def fake(model, tok, names, layer, hp, spec):  # noqa: ANN001, ANN202
+        assert spec.read is not None  # "bare": the bare prompt reads its shares off its keys
+        seen.append(([p.text for p in [*spec.prompts, *spec.phrasings]], spec.row_scale))
         delta = torch.ones(model.config.hidden_size)
         return ValueResult(delta, torch.ones_like(delta), 0.0, 0.0, 1.0, 0, 0.0, [])
 
     monkeypatch.setattr(edit_module, "optimise_delta", fake)
-    hp = hparams(v_realized_delta=True, max_phrasings=2)
+    hp = hparams(v_realized_delta="bare", max_phrasings=2)
     plain = edit(model, tok, REQUEST, hp, names, templates=TEMPLATES)
     plain.revert(model)
     phrased_edit = edit(model, tok, with_them, hp, names, templates=TEMPLATES)
@@ -1155,17 +1091,19 @@ def test_phrasings_optimise_as_the_same_prompts_given_as_templates(family: str) 
     phrasings = [phrased(tok, REQUEST.subject, p) for p in texts]
     scale = torch.linspace(0.5, 1.5, len(prompts) + len(phrasings) + 1)
     hp = hparams(v_num_grad_steps=3, v_lr=0.5)
-    args = (model, tok, names, LAYER)
-    apart = optimise_delta(*args, prompts, "English", REQUEST.subject, hp, scale, phrasings)
-    together = optimise_delta(*args, [*prompts, *phrasings], "English", REQUEST.subject, hp, scale)
+    args = (model, tok, names, LAYER, hp)
+    apart = optimise_delta(*args, ValueSpec(prompts, "English", REQUEST.subject, phrasings, scale))
+    together = optimise_delta(
+        *args, ValueSpec([*prompts, *phrasings], "English", REQUEST.subject, row_scale=scale)
+    )
     assert apart.steps == together.steps == 3
     fp32_close(apart.delta, together.delta, rtol=1e-4)
     assert apart.nll == pytest.approx(together.nll, rel=1e-4)
     assert apart.loss == pytest.approx(together.loss, rel=1e-4)
 
 
-def test_bare_weight_gives_the_bare_prompt_its_share_of_the_nll() -> None:
-    """The value's loss by hand: w * NLL(bare) + (1 - w) * mean NLL + kl_factor * KL + decay."""
+def test_value_loss_by_hand() -> None:
+    """The value's loss: mean NLL + kl_factor * KL(edited || unedited) + decay."""
     nll_each = torch.tensor([2.0, 0.5, 0.25, 1.25])  # the bare prompt first; mean 1.0
     kl_ref = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0]]), -1)
     kl_log_probs = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0]]), -1)
@@ -1174,9 +1112,6 @@ def test_bare_weight_gives_the_bare_prompt_its_share_of_the_nll() -> None:
     terms = dict(kl_factor=0.5, v_weight_decay=0.1)
     plain = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, hparams(**terms))
     assert plain.item() == pytest.approx(1.0 + 0.5 * kl + 0.1 * 5 / 4)
-    weighted = hparams(v_bare_weight=0.25, **terms)
-    loss = _value_loss(nll_each, kl_log_probs, kl_ref, delta, z, weighted)
-    assert loss.item() == pytest.approx(0.25 * 2.0 + 0.75 * 1.0 + 0.5 * kl + 0.1 * 5 / 4)
 
 
 def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
@@ -1193,12 +1128,11 @@ def test_every_group_is_read_through_the_head_in_one_call_per_pass() -> None:
     d_in = weight_as_out_in(model.get_submodule(names.rewrite(LAYER))).shape[1]
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
     phrasings = [phrased(tok, REQUEST.subject, "{} grew up speaking")]
-    hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_stop="every", v_stop_prob=1.0)
+    hp = hparams(v_realized_delta="bare", v_num_grad_steps=3, v_stop="target", v_stop_prob=1.0)
     try:
-        result = values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp,
-            None, phrasings, random_delta(d_in, seed=2),
-        )  # fmt: skip
+        read = random_delta(d_in, seed=2)
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject, phrasings, read=read)
+        result = values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     finally:
         hook.remove()
         top_hook.remove()
@@ -1216,7 +1150,7 @@ def _optimise(family: str) -> tuple[torch.Tensor, list[bool]]:
     """delta after 3 steps on ``family``'s tiny model, and SDPA's ``enable_gqa`` per call."""
     model, tok, names = load(family)
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
-    hp = hparams(v_num_grad_steps=3, v_stop="every", v_stop_prob=1.0)
+    hp = hparams(v_num_grad_steps=3, v_stop="target", v_stop_prob=1.0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa: list[bool] = []
 
@@ -1226,9 +1160,8 @@ def _optimise(family: str) -> tuple[torch.Tensor, list[bool]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        result = values_module.optimise_delta(
-            model, tok, names, LAYER, prompts, REQUEST.target_new, REQUEST.subject, hp
-        )
+        spec = ValueSpec(prompts, REQUEST.target_new, REQUEST.subject)
+        result = values_module.optimise_delta(model, tok, names, LAYER, hp, spec)
     return result.delta, gqa
 
 

@@ -337,10 +337,10 @@ def test_a_bad_hyperparameter_is_refused_at_load_with_its_line(
 
 
 def test_an_edit_that_changes_nothing_is_a_no_op_not_applied(tmp_path: Path) -> None:
-    """A zero update (here the value's loss is under v_stop_loss before its first step) was
-    reported as applied; it is "no-op", keeps no patch and leaves post metrics out."""
+    """A zero update (here the prompts give the target with v_stop_prob before the first step)
+    was reported as applied; it is "no-op", keeps no patch and leaves post metrics out."""
     hparams = write(tmp_path / "h.yaml", shipped_hparams("tiny-llama").read_text())
-    hparams.write_text(hparams.read_text() + "v_stop_loss: 1000\n")
+    hparams.write_text(hparams.read_text() + "v_stop: target\nv_stop_prob: 1e-9\n")
     out = tmp_path / "run"
     args = ["edit", str(SAMPLE), *TINY, "--limit", "2", "--hparams", str(hparams)]
     result = run(*args, "--out", str(out))

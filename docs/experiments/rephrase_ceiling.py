@@ -1,5 +1,8 @@
 """Two reference points for issue 7's rephrase target (>= 0.6) on SmolLM2 and CounterFact.
 
+Ran on an older rrome: the oracle sets ``v_stop: every``, removed after commit 8900851
+(``git checkout 8900851`` to run it as it ran; ``--extra inserts`` runs on the current code).
+
 1. ``natural``: the unedited model's own transfer. Of the records whose prompt it answers with
    the true object (teacher-forced token accuracy 1), how many rephrased prompts yield that
    object too? A model that does not carry its own true facts over to these rephrasings can
@@ -47,7 +50,7 @@ from rrome_cli.engine.update import (  # noqa: E402
     restore_weight,
     right_vector,
 )
-from rrome_cli.engine.values import ValueResult, kl_prompt, optimise_delta  # noqa: E402
+from rrome_cli.engine.values import ValueResult, ValueSpec, kl_prompt, optimise_delta  # noqa: E402
 from rrome_cli.evaluate.metrics import evaluate_request  # noqa: E402
 from rrome_cli.evaluate.tokens import score_answers  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
@@ -97,10 +100,8 @@ def oracle_patch(
     k_star = keys[: len(templates)].mean(0)  # the templates' mean, as shipped
     u, _ = left_vector(cov, k_star)
     row_scale = (keys @ u) / (k_star @ u)  # what the update will add at each row
-    value = optimise_delta(
-        lm.model, lm.tok, lm.names, layer, prompts, request.target_new, request.subject, hp,
-        row_scale=row_scale,
-    )  # fmt: skip
+    spec = ValueSpec(prompts, request.target_new, request.subject, row_scale=row_scale)
+    value = optimise_delta(lm.model, lm.tok, lm.names, layer, hp, spec)
     right = right_vector(value.delta, k_star, u)
     module = lm.names.rewrite(layer)
     dtype = str(lm.model.get_submodule(module).weight.dtype)

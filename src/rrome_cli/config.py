@@ -1,8 +1,8 @@
 """Hyperparameters: plain YAML mapped to a plain dataclass.
 
 EasyEdit's R-ROME YAML files load unchanged: same keys, same meanings. A few keys that are
-vestigial there are accepted and ignored with a note; an unknown key is an error that names the
-nearest valid one.
+vestigial there are accepted and ignored with a note; a knob rrome removed loads at the one
+value it still runs; an unknown key is an error that names the nearest valid one.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from typing import Any
 import yaml
 
 VARIANTS = ("r-rome", "rome", "p-rome")
-V_STOPS = ("loss", "target", "every")  # engine.values._reached implements each
-# Keys EasyEdit reads but that do nothing for us: the device comes from --devices, the loss is
-# always read at the LM head, and sharding comes from the device map.
+V_STOPS = ("loss", "target")  # engine.values._reached implements each
+V_STOP_LOSS = 5e-2  # v_stop "loss": ROME's compute_v stops once the total loss is below this
+REALIZED = ("off", "bare")  # v_realized_delta's values (YAML reads false, and off, as "off")
+# Keys EasyEdit's files carry that do nothing here, accepted with a note: the device comes from
+# --devices, the loss is always read at the LM head, sharding comes from the device map, and the
+# last four are never read (rrome edits at the subject's last token, keeps its statistics in
+# float32, and finds the final norm and output head through the model itself).
 IGNORED_KEYS = {
     "v_loss_layer": "the value loss is always read at the output head",
     "device": "use --devices",
@@ -34,7 +38,17 @@ IGNORED_KEYS = {
     "enable_prompt_keys": "use variant: p-rome",
     "enable_random_prefix_keys": "use variant: r-rome",
     "original_implementation": "use variant: rome",
+    "fact_token": "rrome always edits at the subject's last token",
+    "mom2_dtype": "the key statistics are summed in float64 and kept in float32",
+    "ln_f_module": "not needed: the final norm runs inside the model's forward",
+    "lm_head_module": "not needed: the output head is the model's own output embeddings",
 }
+# An ignored key with the one value rrome does: any other asks for what it does not do.
+IGNORED_ONLY = {"fact_token": "subject_last"}
+# Knobs removed after their study (the findings: docs/recipe.md, "Measured and not shipped").
+# run.json files and bench results written before carry them: each loads at the one value
+# rrome now always uses (its former default), and is refused at any other.
+REMOVED_KEYS = {"v_stop_loss": V_STOP_LOSS, "v_adam_beta2": 0.999, "v_bare_weight": 0.0}
 
 
 class HParamsError(ValueError):
@@ -45,19 +59,15 @@ class HParamsError(ValueError):
         self.key = key  # the offending key, when there is one
 
 
-REALIZED = ("suffix", "answer", "bare")  # v_realized_delta's values besides true and false
 # Numeric hyperparameters, what each must be (NaN and infinities never are), checked at load so
 # that a bad value fails with its file and line, not after the model has loaded.
 RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("v_num_grad_steps", lambda x: x >= 1 and float(x).is_integer(), "a whole number, 1 or more"),
     ("v_lr", lambda x: x > 0, "greater than 0"),
-    ("v_adam_beta2", lambda x: 0 <= x < 1, "in [0, 1)"),
     ("v_weight_decay", lambda x: x >= 0, "0 or more"),
     ("clamp_norm_factor", lambda x: x > 0, "greater than 0"),
     ("kl_factor", lambda x: x >= 0, "0 or more"),
-    ("v_stop_loss", lambda x: x >= 0, "0 or more"),
     ("v_stop_prob", lambda x: 0 < x <= 1, "in (0, 1]"),
-    ("v_bare_weight", lambda x: 0 <= x < 1, "in [0, 1)"),
     ("k_bare_min", lambda x: 0 < x <= 1, "in (0, 1] (or null: the plain mean)"),
     ("max_phrasings", lambda x: x >= 0 and float(x).is_integer(), "0 (none) or a whole number"),
     ("mom2_n_samples", lambda x: x >= 1 and float(x).is_integer(), "a whole number, 1 or more"),
@@ -78,87 +88,50 @@ def _index(value: Any) -> bool:
 
 @dataclass
 class HParams:
-    layers: list[int] = field(default_factory=lambda: [5])
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    # Adam's second-moment decay. At 0.999 (PyTorch's default) the step's scale remembers the
-    # first steps' large gradients through a whole optimisation, so late steps are short.
-    v_adam_beta2: float = 0.999
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    # Early stop: "loss" stops when the total loss < v_stop_loss (ROME); "target" stops when
-    # the bare prompt, and the templated prompts on average, give the target v_stop_prob;
-    # "every" stops when each prompt (bare and every template) gives it v_stop_prob.
-    v_stop: str = "loss"
-    v_stop_loss: float = 5e-2
+    """One edit recipe: EasyEdit's R-ROME keys with their meanings, and rrome's own. Why the
+    SmolLM2 recipe has the values it has, with the evidence: docs/recipe.md."""
+
+    layers: list[int] = field(default_factory=lambda: [5])  # the layers whose MLP is edited
+    v_num_grad_steps: int = 25  # the cap on the value optimisation's steps
+    v_lr: float = 0.5  # Adam's learning rate on delta
+    v_weight_decay: float = 1e-3  # the loss's weight on ||delta|| / ||z||^2
+    clamp_norm_factor: float = 4.0  # after each step delta is clamped to this many ||z||
+    kl_factor: float = 0.0625  # the loss's weight on KL(edited || unedited) after "{} is a"
+    v_stop: str = "loss"  # "loss": ROME's, the total loss under V_STOP_LOSS; "target": below
+    # "target": stop once the bare prompt, and the prompts on average, give the target this
     v_stop_prob: float = 0.9
-    # The bare prompt's share of the target's NLL in the loss: w * NLL(bare) + (1 - w) * the
-    # mean over every prompt. 0 (ROME): the plain mean, where the bare prompt is one row in ~20;
-    # the "target" stop waits on it, and once the templates pass v_stop_prob its gradient is
-    # all that moves delta, while Adam's step still scales to the earlier, larger gradients.
-    v_bare_weight: float = 0.0
-    # The least fraction of delta the bare prompt receives, (u . k_bare) / (u . k*). When the
-    # subject opens the prompt its key sits at the first positions, far (in C^-1) from the
-    # templates' keys, and the plain mean may give it a few percent of the edit. Below this
-    # fraction, k* leans from the mean toward k_bare just far enough. None: the plain mean.
+    # the bare prompt's least share of delta (k* leans toward its key); None: the plain mean
     k_bare_min: float | None = None
-    # false (ROME, EasyEdit): the same delta at every templated prompt's subject token. true:
-    # prompt i gets (u . k_i) / (u . k*) delta there, what the rank-one update adds at that
-    # token. "suffix": every position from the subject's last token on gets its own key's share
-    # (u . k) / (u . k*): the update's whole effect after the subject, the target's tokens
-    # included, so the loss reads the edited model itself (positions before the subject's last
-    # token are cached and get none). "answer": that share at the subject's last token and the
-    # fed answer tokens only, not at the prompt's own words after the subject (which a rephrase
-    # does not share). "bare": the bare prompt, the one the rewrite metric reads, also runs
-    # whole and uncached with every position's share (the subject's earlier tokens and the
-    # words before it included), so its loss and stop test read the edited model itself; the
-    # templated prompts and phrasings as under true. Measured in hparams/smollm2-135m.yaml.
-    v_realized_delta: bool | str = False
-    # Requests' other phrasings of their relation (``phrasings``, or ``--phrasings`` FILE)
-    # join the value's prompts, bare, at most this many per request (each costs a row of the
-    # optimisation batch). 0: none are used.
-    max_phrasings: int = 6
-    mom2_adjustment: bool = True
+    # "bare": the loss sees what the update will add, the bare prompt run whole; "off": ROME's
+    v_realized_delta: str = "off"
+    max_phrasings: int = 6  # a request's relation phrasings among the value's prompts, at most
+    mom2_adjustment: bool = True  # C: the keys' second moment (rrome stats); false: C = I
     mom2_n_samples: int = 100_000  # token budget of the statistics pass
-    mom2_dtype: str = "float32"
     mom2_ridge: float = 1e-6  # lambda = mom2_ridge * mean(diag C), for the Cholesky solve
-    # Sequential runs: each applied edit's keys (k*, the bare prompt's, and every key after
-    # the subject in "bare prompt + target", where the fact is read out) join C as
-    # w m k k^T / ||k||^2 (m: C's mean eigenvalue), so later updates turn away from them and
-    # leave that edit in place. 0 is R-ROME as published: every later update also moves the
-    # earlier edits' keys.
+    # sequential runs: each applied edit's keys join C at this weight, to keep it; 0: R-ROME
     protect_weight: float = 0.0
-    context_template_length_params: list[list[int]] = field(
+    context_template_length_params: list[list[int]] = field(  # [tokens, count] of prefixes
         default_factory=lambda: [[5, 10], [10, 10]]
     )
-    variant: str = "r-rome"
-    stats_dir: str | None = None
-    rewrite_module_tmp: str | None = None
-    layer_module_tmp: str | None = None
-    mlp_module_tmp: str | None = None
-    ln_f_module: str | None = None
-    lm_head_module: str | None = None
+    variant: str = "r-rome"  # r-rome, rome (ROME's keys) or p-rome (the prompt's keys)
+    stats_dir: str | None = None  # the statistics cache; None: rrome's cache directory
+    rewrite_module_tmp: str | None = None  # W, "{}" the layer; None (each below): the family's
+    layer_module_tmp: str | None = None  # the decoder block
+    mlp_module_tmp: str | None = None  # the MLP, whose output delta joins while it is optimised
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise HParamsError(
                 f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}", "variant"
             )
-        if self.fact_token != "subject_last":
-            raise HParamsError(
-                f"fact_token {self.fact_token!r} is not supported: use subject_last", "fact_token"
-            )
         if self.v_stop not in V_STOPS:
             raise HParamsError(
                 f"v_stop must be one of {', '.join(V_STOPS)}, got {self.v_stop!r}", "v_stop"
             )
-        realized = self.v_realized_delta
-        if not (isinstance(realized, bool) or realized in REALIZED):
-            options = "true, false, " + ", ".join(REALIZED[:-1]) + " or " + REALIZED[-1]
+        if self.v_realized_delta not in REALIZED:
             raise HParamsError(
-                f"v_realized_delta must be {options}, got {realized!r}", "v_realized_delta"
+                f"v_realized_delta must be off (or false) or bare, got {self.v_realized_delta!r}",
+                "v_realized_delta",
             )
         for name, allowed, must in RANGES:
             value = getattr(self, name)
@@ -203,13 +176,7 @@ class HParams:
             )
 
     def module_overrides(self) -> dict[str, str | None]:
-        keys = (
-            "rewrite_module_tmp",
-            "layer_module_tmp",
-            "mlp_module_tmp",
-            "ln_f_module",
-            "lm_head_module",
-        )
+        keys = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp")
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +186,7 @@ class HParams:
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     """YAML reads ``5e-1`` as a string; numbers are coerced to the field's type."""
     if name == "v_realized_delta":
-        return value  # a bool or a name, which HParams checks
+        return "off" if value is False else value  # YAML reads false and off as False
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -233,6 +200,30 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
             return int(number)
         return number
     return value
+
+
+def _check_ignored(name: str, value: Any, where: str) -> None:
+    """Notes an ignored key; refuses one that asks for what rrome does not do."""
+    if name in IGNORED_ONLY and value != IGNORED_ONLY[name]:
+        raise HParamsError(
+            f"{where}: {name} {value!r} is not supported: use {IGNORED_ONLY[name]}", name
+        )
+    warnings.warn(f"{where}: ignoring {name!r} ({IGNORED_KEYS[name]})", stacklevel=3)
+
+
+def _check_removed(name: str, value: Any, where: str) -> None:
+    """A removed knob loads at the value rrome always uses now, and only there."""
+    kept = REMOVED_KEYS[name]
+    try:  # YAML reads 5e-2 as a string
+        same = not isinstance(value, bool) and float(value) == kept
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise HParamsError(
+            f"{where}: {name} was removed (its study: docs/recipe.md, 'Measured and not "
+            f"shipped'); only {kept}, what rrome always does, is accepted, got {value!r}",
+            name,
+        )
 
 
 def from_dict(
@@ -250,7 +241,10 @@ def from_dict(
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name in IGNORED_KEYS:
-            warnings.warn(f"{at(name)}: ignoring {name!r} ({IGNORED_KEYS[name]})", stacklevel=2)
+            _check_ignored(name, value, at(name))
+            continue
+        if name in REMOVED_KEYS:
+            _check_removed(name, value, at(name))
             continue
         if name not in known:
             near = difflib.get_close_matches(name, list(known), n=1)

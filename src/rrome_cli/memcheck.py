@@ -61,15 +61,8 @@ from transformers import (
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import shared_kv_heads
 from rrome_cli.engine.keys import phrased, templated
-from rrome_cli.engine.values import (
-    PackedPass,
-    Readout,
-    Row,
-    delta_site_of,
-    frozen,
-    kl_row,
-    prompt_row,
-)
+from rrome_cli.engine.packing import PackedPass, Readout, Row, delta_site_of
+from rrome_cli.engine.values import frozen, kl_row, prompt_row
 from rrome_cli.evaluate.tokens import SCORE_BATCH
 from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
 from rrome_cli.models.loading import (
@@ -529,7 +522,7 @@ def trace_value_step(
         packed = PackedPass(model, one * geo.jobs)
         below_out = torch.zeros(*packed.shape, d_out, dtype=dtype, device="meta")  # noqa: F841
         read = torch.ones(weight_as_out_in(rewrite).shape[1]) if geo.whole else None
-        site = delta_site_of(packed, [(one, torch.ones(len(one)), read)] * geo.jobs, "bare")
+        site = delta_site_of(packed, [(one, torch.ones(len(one)), read)] * geo.jobs)
         site.to(torch.device("meta"))
         readout = Readout.of_jobs(packed, [one] * geo.jobs)
         kl_ref = torch.zeros(geo.jobs, vocab, device="meta")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rrome_cli.config import REALIZED, HParams
+from rrome_cli.config import HParams
 from rrome_cli.engine.keys import Templated, keys_after_subjects, keys_at, phrased, templated
 from rrome_cli.engine.templates import generate_templates
 from rrome_cli.engine.update import (
@@ -34,6 +34,7 @@ from rrome_cli.engine.values import (
     ValueBatch,
     ValueJob,
     ValueResult,
+    ValueSpec,
     kl_prompt,
     optimise_delta,
     value_job,
@@ -150,22 +151,20 @@ class Prepared:
     denominator: float
     seconds: dict[str, float]
 
-    def scales(self, hp: HParams) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(row_scale, read) of ``optimise_delta`` under ``hp.v_realized_delta``."""
-        k_ref = self.k_ref.to(self.u.device)
-        realized = hp.v_realized_delta
-        row_scale = (self.keys.to(self.u.device) @ self.u) / (k_ref @ self.u) if realized else None
-        read = self.u / (k_ref @ self.u) if realized in REALIZED else None
-        return row_scale, read
+    def value_spec(self, hp: HParams) -> ValueSpec:
+        """What this request's delta is fitted to; under ``v_realized_delta: bare``, with what
+        the update will add at each row."""
+        request = self.request
+        spec = ValueSpec(self.prompts, request.target_new, request.subject, self.phrasings)
+        if hp.v_realized_delta == "bare":
+            k_ref = self.k_ref.to(self.u.device)
+            spec.row_scale = (self.keys.to(self.u.device) @ self.u) / (k_ref @ self.u)
+            spec.read = self.u / (k_ref @ self.u)
+        return spec
 
     def value_job(self, tok: PreTrainedTokenizerBase, hp: HParams, batch: ValueBatch) -> ValueJob:
         """This request's value optimisation, delta at 0, tagged with this object."""
-        row_scale, read = self.scales(hp)
-        target, subject = self.request.target_new, self.request.subject
-        return value_job(
-            tok, self, self.prompts, target, subject, hp, batch.d_out, batch.device, row_scale,
-            self.phrasings, read,
-        )  # fmt: skip
+        return value_job(tok, self, self.value_spec(hp), hp, batch.d_out, batch.device)
 
 
 def prepare_layer(
@@ -276,11 +275,7 @@ def edit_layer(
 ) -> LayerEdit:
     """Compute (but do not apply) the rank-one update of W at ``layer`` for ``request``."""
     (prepared,) = prepare_layer(model, tok, [request], hp, names, layer, cov, templates)
-    row_scale, read = prepared.scales(hp)
-    value = optimise_delta(
-        model, tok, names, layer, prepared.prompts, request.target_new, request.subject, hp,
-        row_scale, prepared.phrasings, read,
-    )  # fmt: skip
+    value = optimise_delta(model, tok, names, layer, hp, prepared.value_spec(hp))
     return finish_layer(model, prepared, value)
 
 

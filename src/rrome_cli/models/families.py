@@ -23,8 +23,6 @@ class ModuleNames:
     rewrite_module_tmp: str  # W, the MLP output projection: input is the key k, output the value
     layer_module_tmp: str  # the whole decoder block
     mlp_module_tmp: str  # the MLP; delta is added to its output while optimising v*
-    ln_f_module: str
-    lm_head_module: str
 
     def rewrite(self, layer: int) -> str:
         return self.rewrite_module_tmp.format(layer)
@@ -36,32 +34,28 @@ class ModuleNames:
         return self.layer_module_tmp.format(layer)
 
 
-def _names(prefix: str, mlp: str, proj: str, ln_f: str, lm_head: str = "lm_head") -> ModuleNames:
+def _names(prefix: str, mlp: str, proj: str) -> ModuleNames:
     return ModuleNames(
         rewrite_module_tmp=f"{prefix}.{{}}.{mlp}.{proj}",
         layer_module_tmp=f"{prefix}.{{}}",
         mlp_module_tmp=f"{prefix}.{{}}.{mlp}",
-        ln_f_module=ln_f,
-        lm_head_module=lm_head,
     )
 
 
-_LLAMA_LIKE = _names("model.layers", "mlp", "down_proj", "model.norm")
+_LLAMA_LIKE = _names("model.layers", "mlp", "down_proj")
 
 FAMILIES: dict[str, ModuleNames] = {
-    "GPT2LMHeadModel": _names("transformer.h", "mlp", "c_proj", "transformer.ln_f"),
-    "GPTJForCausalLM": _names("transformer.h", "mlp", "fc_out", "transformer.ln_f"),
-    "GPTNeoForCausalLM": _names("transformer.h", "mlp", "c_proj", "transformer.ln_f"),
-    "GPTNeoXForCausalLM": _names(
-        "gpt_neox.layers", "mlp", "dense_4h_to_h", "gpt_neox.final_layer_norm"
-    ),
+    "GPT2LMHeadModel": _names("transformer.h", "mlp", "c_proj"),
+    "GPTJForCausalLM": _names("transformer.h", "mlp", "fc_out"),
+    "GPTNeoForCausalLM": _names("transformer.h", "mlp", "c_proj"),
+    "GPTNeoXForCausalLM": _names("gpt_neox.layers", "mlp", "dense_4h_to_h"),
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     "Qwen3ForCausalLM": _LLAMA_LIKE,
     "GemmaForCausalLM": _LLAMA_LIKE,
     "Gemma2ForCausalLM": _LLAMA_LIKE,
-    "Phi3ForCausalLM": _names("model.layers", "mlp", "down_proj", "model.norm"),
+    "Phi3ForCausalLM": _names("model.layers", "mlp", "down_proj"),
 }
 
 MODULE_KEYS = tuple(f.name for f in fields(ModuleNames))
