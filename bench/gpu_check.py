@@ -225,9 +225,11 @@ def tiny_dtypes(device: torch.device) -> Table:
     return table
 
 
-def throughput(device: torch.device, dry_run: bool, work: Path) -> tuple[Table, list[dict]]:
+def throughput(
+    device: torch.device, dry_run: bool, work: Path, console: Console
+) -> tuple[Table, list[dict]]:
     """4. edits per second at several --batch sizes, and (7B shape) peak vs memcheck."""
-    from throughput import measure, without_statistics  # beside this script
+    from throughput import measure, phase_peaks, without_statistics  # beside this script
 
     from rrome_cli.memcheck import largest_batch
     from rrome_cli.models.loading import LoadedModel
@@ -273,15 +275,16 @@ def throughput(device: torch.device, dry_run: bool, work: Path) -> tuple[Table, 
             if device.type == "cuda"
             else 64 * GiB
         )
-        memory_plan = plan(
-            alias if not dry_run else "tiny-llama", dtype_name, str(device), {key: size}, hp
-        )
-        auto = largest_batch(memory_plan)
+        planned = alias if not dry_run else "tiny-llama"
+        auto = largest_batch(planned, dtype_name, str(device), {key: size}, hp)
+        auto_24 = largest_batch(planned, dtype_name, str(device), {key: "24GiB"}, hp)
         batches = [b or auto for b in batches]
-        edit_device = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
+
         for row in measure(loaded, hp, requests, batches, work / alias, limit=n):
             row |= {"model": alias, "dtype": dtype_name, "steps_cap": steps, "auto": auto}
-            row["plan_mib"] = round((edit_device.weights + row["batch"] * edit_device.edit) / 2**20)
+            memory_plan = plan(planned, dtype_name, str(device), {key: size}, hp, jobs=row["batch"])
+            d = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
+            row |= {"auto_24gib": auto_24, "plan_mib": round((d.weights + d.edit) / 2**20)}
             rows.append(row)
             post = row["post"]
             table.add_row(
@@ -290,6 +293,11 @@ def throughput(device: torch.device, dry_run: bool, work: Path) -> tuple[Table, 
                 str(row["peak_mib"] or "-"), str(row["plan_mib"]),
                 f"{post.get('rewrite_acc', 0):.3f} / {post.get('locality', 0):.3f}",
             )  # fmt: skip
+        for batch in (1, batches[-2] if len(batches) > 2 else batches[-1]):
+            release(device)  # where the memory goes, by phase (a slower, traced run)
+            peaks = phase_peaks(loaded, hp, requests, batch, work / alias, limit=min(n, 2 * batch))
+            rows.append({"model": alias, "dtype": dtype_name, "phases_mib": peaks})
+            console.print(f"{alias} batch {batch} phases (MiB): {peaks}")
         del model, loaded
     return table, rows
 
@@ -323,7 +331,7 @@ def main() -> None:
             raise SystemExit("no GPU: run with --dry-run")
         device, models, dtype = torch.device("cuda:0"), args.models.split(","), "bf16"
     with tempfile.TemporaryDirectory() as work:
-        speed, rows = throughput(device, args.dry_run, Path(work))
+        speed, rows = throughput(device, args.dry_run, Path(work), console)
     console.print(speed)
     if args.json:
         args.json.write_text(

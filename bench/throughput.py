@@ -73,6 +73,56 @@ def measure(
     return rows
 
 
+def phase_peaks(
+    loaded: LoadedModel, hp: HParams, requests: Path, batch: int, work: Path, limit: int
+) -> dict[str, int]:
+    """Where a run's memory goes: the peak live tensor bytes (MiB) while keys are taken
+    (``prepare_layer``), values optimised (``ValueBatch.step``), updates solved
+    (``finish_layer``), finished edits evaluated (``evaluate_edits``) and elsewhere. A
+    diagnostic (the tracker slows every op): each phase's peak includes what earlier ones
+    left alive."""
+    from rrome_cli import run as run_module
+    from rrome_cli.engine import edit as edit_module
+    from rrome_cli.engine import values
+    from rrome_cli.memcheck import live_tensor_bytes
+
+    tracker = None
+
+    def phased(name: str, fn: Any) -> Any:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            outer = tracker.phase
+            tracker.set_phase(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                tracker.set_phase(outer)
+
+        return inner
+
+    patched = [
+        (values.ValueBatch, "step", "value"),
+        (run_module, "evaluate_edits", "evaluate"),
+        (edit_module, "prepare_layer", "keys"),
+        (edit_module, "finish_layer", "solve"),
+    ]
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+    opts = RunOptions(
+        requests=str(requests), limit=limit, out=work / f"phases-{batch}", batch=batch,
+        templates=work / "templates.json",
+    )  # fmt: skip
+    try:
+        for (owner, name, phase), fn in zip(patched, originals, strict=True):
+            setattr(owner, name, phased(phase, fn))
+        with live_tensor_bytes() as tracker:
+            tracker.set_phase("other")
+            run_edits(loaded, hp, opts, Console(stderr=True, quiet=True))
+    finally:
+        for (owner, name, _), fn in zip(patched, originals, strict=True):
+            setattr(owner, name, fn)
+    peaks = {"batch": batch, "peak": tracker.peak >> 20}
+    return peaks | {k: v >> 20 for k, v in tracker.phase_peaks.items() if k}
+
+
 def without_statistics(hp: HParams) -> HParams:
     """C = I: throughput is measured with statistics out of the way (cached in real runs)."""
     return replace(hp, mom2_adjustment=False)

@@ -79,6 +79,9 @@ from rrome_cli.requests import EditRequest
 GiB = 1 << 30
 # Per GPU, outside the tensors: CUDA context, cuBLAS workspaces, allocator rounding.
 CUDA_RESERVE = GiB // 2
+# Each request in flight beyond the first adds this many times what the second adds in a
+# trace (docs/results.md: measured on an H200, 1.52x for SmolLM2, 0.88x for Llama-2-7B).
+BATCH_GROWTH = 1.6
 # A typical request, in tokens (about the 90th percentile of CounterFact): the prompt up to and
 # including the subject's last token, the prompt after it, the target. Templates add a starter
 # word and ". " to their sampled length.
@@ -887,6 +890,37 @@ def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
 
 
 def _plan(
+    m: _Model,
+    devices: list[torch.device],
+    max_memory: dict[int | str, int],
+    hparams: HParams,
+    geo: Geometry,
+    batch_tokens: int,
+    max_len: int,
+    given_map: dict[str, int | str] | None = None,
+) -> MemoryPlan:
+    """The plan for ``geo.jobs`` requests in flight together: traced for one and two, the
+    working set grows by ``BATCH_GROWTH`` times the second's increment per request beyond.
+    (Tracing many packed requests on the meta device overstates them: on an H200 the
+    measured growth per request was linear, 0.9-1.5x the traced increment of the second.)"""
+    args = (m, devices, max_memory, hparams)
+    if geo.jobs <= 2:
+        return _plan_traced(*args, geo, batch_tokens, max_len, given_map)
+    one = _plan_traced(*args, replace(geo, jobs=1), batch_tokens, max_len, given_map)
+    two = _plan_traced(*args, replace(geo, jobs=2), batch_tokens, max_len, given_map)
+    more = (geo.jobs - 1) * BATCH_GROWTH
+
+    def grown(a: int, b: int) -> int:
+        return a + round(more * max(0, b - a))
+
+    for d1, d2 in zip(one.devices, two.devices, strict=True):
+        d2.edit = grown(d1.edit, d2.edit)
+    two.components = {k: grown(one.components[k], v) for k, v in two.components.items()}
+    two.geometry = geo
+    return two
+
+
+def _plan_traced(
     m: _Model,
     devices: list[torch.device],
     max_memory: dict[int | str, int],
