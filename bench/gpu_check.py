@@ -294,7 +294,7 @@ def throughput(
                 f"{post.get('rewrite_acc', 0):.3f} / {post.get('locality', 0):.3f}",
             )  # fmt: skip
         for batch in (1, batches[-2] if len(batches) > 2 else batches[-1]):
-            release(device)  # where the memory goes, by phase (a slower, traced run)
+            gc.collect()  # where the memory goes, by phase (a slower, traced run)
             peaks = phase_peaks(loaded, hp, requests, batch, work / alias, limit=min(n, 2 * batch))
             rows.append({"model": alias, "dtype": dtype_name, "phases_mib": peaks})
             console.print(f"{alias} batch {batch} phases (MiB): {peaks}")
