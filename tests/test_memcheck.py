@@ -360,3 +360,37 @@ def test_fewer_templates_fix_keeps_the_phrasing_rows(offline) -> None:
     proposed, current = int(found[1]), int(found[2])
     assert current == 40
     assert plan("llama2-7b", "bf16", "cpu", limit, hp, n_templates=proposed, phrasings=6).fits
+
+
+def test_a_batch_is_planned_from_traces_of_one_and_two_and_grows_linearly() -> None:
+    """Requests in flight together (--batch): one and two are traced as the engine packs
+    them; beyond, each adds BATCH_GROWTH times the second's increment, on every device."""
+    hp = dataclasses.replace(load_hparams(shipped_hparams("smollm2-135m")), mom2_adjustment=False)
+
+    def edit_bytes(jobs: int) -> int:
+        p = memcheck.plan("smollm2-135m", "bf16", "0", {0: "80GiB"}, hp, jobs=jobs)
+        assert p.geometry.jobs == jobs
+        return next(d for d in p.devices if d.device == p.edit_device).edit
+
+    one, two, five, nine = (edit_bytes(n) for n in (1, 2, 5, 9))
+    assert one < two
+    step = memcheck.BATCH_GROWTH * (two - one)
+    assert five == pytest.approx(one + 4 * step, rel=1e-6)
+    assert nine - five == pytest.approx(4 * step, rel=1e-6)
+
+
+def test_largest_batch_is_the_most_that_fits() -> None:
+    """--batch auto: the count memcheck picks fits and one more does not (below the cap);
+    more memory never gives fewer; a device that fits no batch still gets 1."""
+    hp = dataclasses.replace(load_hparams(shipped_hparams("smollm2-135m")), mom2_adjustment=False)
+    picked = {}
+    for size in ("3GiB", "6GiB"):
+        n = memcheck.largest_batch("smollm2-135m", "bf16", "0", {0: size}, hp)
+        fits = [
+            memcheck.plan("smollm2-135m", "bf16", "0", {0: size}, hp, jobs=jobs).fits
+            for jobs in (n, n + 1)
+        ]
+        assert fits == [True, False]
+        picked[size] = n
+    assert 1 < picked["3GiB"] < picked["6GiB"] < 64
+    assert memcheck.largest_batch("smollm2-135m", "bf16", "0", {0: "600MiB"}, hp) == 1
