@@ -116,6 +116,20 @@ def test_value_batch_first_steps_equal_one_at_a_time(family: str) -> None:
             assert (together[id(p)] - alone).norm() <= 1e-6 * alone.norm()
 
 
+@pytest.mark.slow
+def test_batched_smollm2_counterfact_run_equals_one_at_a_time(tmp_path: Path) -> None:
+    """The real model with its shipped recipe (C = I: statistics are not what batching
+    changes) on CounterFact records: requests stop at their own steps, and the batched run's
+    reports and patches are the one-at-a-time run's."""
+    hp = replace(load_hparams(shipped_hparams("smollm2-135m")), mom2_adjustment=False)
+    loaded = load_model("smollm2-135m", "fp32", "cpu")
+    runs = {}
+    for batch in (1, 3):
+        opts = RunOptions(requests=str(SAMPLE), limit=3, out=tmp_path / f"b{batch}", batch=batch)
+        runs[batch], _ = run_edits(loaded, hp, opts, QUIET)
+    assert_same_run(runs[3], runs[1])
+
+
 def test_batched_bare_recipe_equals_one_at_a_time(tmp_path: Path) -> None:
     """SmolLM2's recipe shape: the bare prompt run whole with its read shares, a target stop
     (requests stop at different steps) and phrasings."""
