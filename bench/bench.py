@@ -15,7 +15,8 @@ Prints its tables (``--markdown``: the quality table in Markdown, for docs/resul
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
 statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
 independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome; and
-r-rome with CounterFact's relation phrasings; fluency pre and post from each run's patches) and
+r-rome with CounterFact's relation phrasings; fluency pre and post from each run's patches),
+throughput of independent runs by --batch (and 2 torchrun processes against 1) and
 a sequential run (immediate and retrospective metrics, update norms, entropy, collapse).
 """
 
@@ -25,9 +26,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import cache
@@ -45,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stats import bench_stats  # noqa: E402
 from rephrase_split import read_labels, read_rows, rephrase_by_case, split, with_seen_phrasing  # noqa: E402
+from throughput import measure  # noqa: E402
 
 from rrome_cli.config import (  # noqa: E402
     HParams,
@@ -220,6 +225,45 @@ def fluency(
     return {phase: table["fluency"] for phase, table in summarise(rows)["metrics"].items()}
 
 
+def throughput(
+    loaded: LoadedModel, hp: HParams, path: Path, work: Path, batches: list[int], n: int
+) -> dict[str, Any]:
+    """Edits per second of whole independent runs (``rrome edit --batch N``) over the same
+    ``n`` records, side by side; then, at the fastest batch, one process of two threads
+    against two torchrun processes of one thread each (both as a user runs them)."""
+    prepare_covariances(loaded, hp, RunOptions(requests=""))  # cached before the timed runs
+    rows = measure(loaded, hp, path, batches, work / "batches", limit=n)
+    best = max(rows, key=lambda row: row["edits_per_second"])["batch"]
+    templates = work / "batches" / "templates.json"
+    return {"rows": rows, "processes": processes(path, work, best, n, templates)}
+
+
+def processes(path: Path, work: Path, batch: int, n: int, templates: Path) -> list[dict]:
+    """Wall seconds of ``rrome edit`` (model load included) as 1 process x 2 threads and as
+    torchrun's 2 processes x 1 thread, run one after the other."""
+    edit = ["-m", "rrome_cli.cli", "edit", str(path), "--model", "smollm2-135m",
+            "--devices", "cpu", "--limit", str(n), "--batch", str(batch),
+            "--templates", str(templates)]  # fmt: skip
+    ways = {
+        "1 process x 2 threads": (2, [sys.executable, *edit]),
+        "2 processes x 1 thread": (
+            1,
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *edit],
+        ),
+    }
+    rows = []
+    for name, (threads, cmd) in ways.items():
+        out = work / _slug(name)
+        shutil.rmtree(out, ignore_errors=True)
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        start = time.perf_counter()
+        subprocess.run([*cmd, "--out", str(out)], env=env, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        rows.append({"how": name, "batch": batch, "edits": n, "seconds": round(seconds, 1),
+                     "edits_per_second": round(n / seconds, 3)})  # fmt: skip
+    return rows
+
+
 def retire(path: Path, work: Path) -> None:
     """Move a section or run measured with an earlier recipe to ``work/earlier/``, named by
     when it was last written: nothing measured is deleted."""
@@ -312,6 +356,9 @@ def sections(
         labelled=True,
         phrasings=str(PHRASINGS),
     )
+    n_through, batches = (8, [1, 4]) if quick else (40, [1, 2, 4, 8, 16])
+    through = requests_file(cf, "counterfact", 1000, n_through, data)
+    todo["throughput"] = later(throughput, hp, through, work / "throughput", batches, n_through)
     seq_path = requests_file(cf, "counterfact", 0, n_seq, data)
     todo["sequential"] = later(sequential, hp, seq_path, work / "sequential", n_seq)
     return todo
@@ -481,6 +528,15 @@ def table(results: dict[str, Any]) -> Table:
             f"{m['measured_bytes'] / 2**20:.0f} / {m['predicted_bytes'] / 2**20:.0f}"
             f" ({m['ratio']:.2f})",
         )
+    if tp := sections.get("throughput"):
+        for row in tp["rows"]:
+            t.add_row(
+                f"--batch {row['batch']}: edits/s (x batch 1)",
+                f"{row['edits_per_second']:.2f} ({row['speedup']:.2f}x)",
+            )
+        for row in tp["processes"]:
+            what = f"  {row['how']}, batch {row['batch']}: edits/s"
+            t.add_row(what, f"{row['edits_per_second']:.2f}")
     if q := sections.get("sequential"):
         _sequential_rows(t, q)
     return t
