@@ -780,7 +780,9 @@ def _layer_costs(
     # Finished edits are evaluated while the others stay in flight: the packed pass's prefix
     # (its KV cache, the traced "prefix" phase) stays alive beside one scoring batch
     # (SCORE_BATCH sequences, full logits in the model's dtype) and one edited W' at a time
-    # (rows_patched makes it as apply_update does: the size of ``update``).
+    # (rows_patched makes it as apply_update does: the size of ``update``). Shown, not
+    # planned: measured on an H200 it stays under the value step at every batch size
+    # (docs/results.md), and on tiny models the scoring batch would dwarf the edit.
     eval_width = geo.key_tokens + geo.targets // geo.templates
     scoring = SCORE_BATCH * eval_width * (vocab + 4 * d_out + 3 * d_in) * size
     evaluation = costs["prefix"].at(n_below, n_above) + max(scoring, update)
@@ -796,10 +798,10 @@ def _layer_costs(
         "adam_delta": 4 * d_out * 4,
         "key_pass": keys,
         "update": update,
-        "evaluation": evaluation,
-        "in_edit": max(value_total, update, keys, evaluation),
+        "evaluation": evaluation,  # a run's, beside the edit: not in engine.edit.edit
+        "in_edit": max(value_total, update, keys),
     }
-    at_edit = max(value.get(edit_at, 0), keys, update, evaluation)
+    at_edit = max(value.get(edit_at, 0), keys, update)
     value[edit_at] = max(factorise, cholesky + at_edit)
     if edit_at == "cpu" and hparams.mom2_adjustment:
         value[edit_at] += square  # C itself stays in RAM (SecondMoment.mom2) during the edit
