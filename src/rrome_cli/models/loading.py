@@ -8,6 +8,7 @@ and saved as a safetensors checkpoint in the user's cache, then reused.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
-from rrome_cli.files import make_dir, publish
+from rrome_cli.files import make_dir, package_version, publish
 from rrome_cli.models import tiny
 from rrome_cli.models.families import ModuleNames, module_names
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
@@ -270,3 +271,47 @@ def _check_present(targets: list[torch.device], spec: str | None) -> None:
 
 def _as_device(where: int | str) -> torch.device:
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+
+
+CHECKPOINT_MARK = "rrome-checkpoint.json"  # in every checkpoint rrome writes
+
+
+def check_model_target(target: Path, replace: bool = False) -> None:
+    """``target`` may be written: it is new, a checkpoint rrome wrote (it holds
+    CHECKPOINT_MARK), or ``replace`` says so (``rrome apply --overwrite``, which checks it is
+    a checkpoint). Anything else would be deleted by the replacement: refused."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if replace or (target.is_dir() and (target / CHECKPOINT_MARK).is_file()):
+        return
+    raise FileExistsError(
+        f"{target}: exists and is not a checkpoint rrome wrote; rrome replaces only its own. "
+        "Move it away, or choose another --out"
+    )
+
+
+def save_model_atomic(loaded: LoadedModel, target: Path, replace: bool = False) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then rename into place. An
+    existing ``target`` is replaced only as ``check_model_target`` allows."""
+    check_model_target(target, replace)
+    tmp = make_dir(target.parent, ".model-")
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tok.save_pretrained(tmp)
+        mark = {
+            "written_by": "rrome",
+            "model": loaded.model_id,
+            "version": package_version("rrome-cli"),
+        }
+        (tmp / CHECKPOINT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+        publish(tmp)
+        if target.exists() or target.is_symlink():  # set the old one aside until the new is in
+            old = make_dir(target.parent, ".model-old-")
+            target.rename(old / target.name)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
