@@ -308,7 +308,6 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
     model, tok = tiny_model("llama")
     names = module_names(type(model).__name__)
     single = run(model, tok, names, corpus, tmp_path / "single", batch_tokens=MAX_LEN)
-    out = tmp_path / "dist.safetensors"
     command = [
         sys.executable,
         "-m",
@@ -317,7 +316,8 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
         "--nproc_per_node",
         "2",
         "-m",
-        "rrome_cli.engine.stats",
+        "rrome_cli.cli",
+        "stats",
         "--model",
         "tiny-llama",
         "--layer",
@@ -332,16 +332,15 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
         str(MAX_LEN),
         "--stats-dir",
         str(tmp_path / "dist"),
-        "--out",
-        str(out),
-        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RROME_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "dist" / single.path.name
     with safe_open(str(out), framework="pt") as fh:
         mom2, meta = fh.get_tensor("mom2"), fh.metadata()
     assert meta["world"] == "2" and meta["tokens"] == "1500"
     torch.testing.assert_close(mom2, single.mom2, rtol=1e-6, atol=1e-9)
     cached = list((tmp_path / "dist").glob("*.safetensors"))
     assert [p.name for p in cached] == [single.path.name]  # same key, no partials left
+
