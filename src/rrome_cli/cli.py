@@ -673,6 +673,7 @@ def stats_cmd(
                 stats_dir=stats_dir,
                 dtype=_dtype(fp16, bf16),
                 devices=devices,
+                hparams=hp,  # its module names and stats_dir, as `rrome edit` reads them
             )
             console.print(f"layer {one}: C over {result.tokens} tokens -> {result.path}")
 
