@@ -469,6 +469,24 @@ def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
     assert all(r["post"]["locality"] == 1.0 and r["post"] == r["pre"] for r in records)
 
 
+def test_eval_reports_say_nothing_was_edited(tmp_path: Path) -> None:
+    """rrome eval measures and edits nothing: each report line says "evaluated" (it said
+    "applied"), the summary counts evaluations only, and the second model's metrics are still
+    summarised as "post"."""
+    out, html = tmp_path / "same", tmp_path / "report.html"
+    args = ("--model", "tiny-llama", "--limit", "2", "--compare", "tiny-llama")
+    result = run("eval", str(SAMPLE), *args, "--out", str(out), "--html", str(html))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["evaluated", "evaluated"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"evaluated": 2}
+    assert summary["metrics"]["post"]["locality"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 2}
+    shown = " ".join(result.stderr.split())
+    assert "2 requests: 2 evaluated" in shown and "applied" not in shown
+    assert "2 requests: 2 evaluated" in html.read_text()
+
+
 def test_phrasings_table_reaches_the_report(tmp_path: Path) -> None:
     """--phrasings fills a request's relation phrasings; the report records what was used."""
     table = DATA / "counterfact-phrasings.json"

@@ -15,7 +15,7 @@ from rich.console import Console
 from rrome_cli.engine.update import apply_patch
 from rrome_cli.evaluate.html_report import write_html
 from rrome_cli.evaluate.metrics import evaluate_requests
-from rrome_cli.evaluate.summary import render_summary, summarise
+from rrome_cli.evaluate.summary import EVALUATED, render_summary, summarise
 from rrome_cli.files import REPORT, new_run_dir, refuse_finished_run, write_json, write_jsonl
 from rrome_cli.lengths import check_length, max_positions
 from rrome_cli.models.loading import load_model
@@ -82,7 +82,7 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
             "case_id": request.case_id,
             "source": request.source,
             "request": request_to_dict(request),
-            "status": "applied",
+            "status": EVALUATED,  # nothing was edited here
             "pre": pre[i][0],
         }
         if post is not None:
