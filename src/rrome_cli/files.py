@@ -85,7 +85,6 @@ def save_safetensors_atomic(
 # The run directory. What a run (or ``rrome eval``) writes into it: a new run never writes into
 # a directory holding any of these (it would mix two runs in one report, or replace, deleting,
 # what is there); a non-empty report.jsonl counts too.
-REPORT = "report.jsonl"
 PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes (rrome_cli.patches)
 RUN_FILES = (
     "run.json",
@@ -118,8 +117,8 @@ def new_run_dir(out: Path | None) -> Path:
 
 def held_run_files(out: Path) -> list[str]:
     """Which of a run's files ``out`` holds already."""
-    report = out / REPORT
-    held = [REPORT] if report.is_file() and report.stat().st_size else []
+    report = out / "report.jsonl"
+    held = ["report.jsonl"] if report.is_file() and report.stat().st_size else []
     return held + [name for name in RUN_FILES if (out / name).exists()]
 
 

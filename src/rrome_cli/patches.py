@@ -23,10 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rrome_cli.engine.update import Patch
-from rrome_cli.files import PATCH_JOURNAL, REPORT, done_records, save_safetensors_atomic
+from rrome_cli.files import PATCH_JOURNAL, done_records, save_safetensors_atomic
 from rrome_cli.models.families import weight_as_out_in
-
-PATCHES_FILE = "patches.safetensors"
 
 
 class PatchFileError(ValueError):
@@ -119,7 +117,7 @@ def journal_edit(out: Path, index: int, patches: list[Patch], with_keys: bool) -
 
 def fold_journal(out: Path, patches: list[Patch], with_keys: bool) -> None:
     """Every patch of the run in ``patches.safetensors`` (atomically); the journal goes."""
-    save_patches(out / PATCHES_FILE, patches, with_keys=with_keys)
+    save_patches(out / "patches.safetensors", patches, with_keys=with_keys)
     clear_journal(out / PATCH_JOURNAL)
 
 
@@ -150,7 +148,7 @@ def reported_patches(out: Path, records: list[dict[str, Any]], per_edit: int) ->
     last edits there). Patches are saved before their report line, so an interruption in
     between leaves one edit more than the report holds: it is left out (a resume makes it
     again)."""
-    path = out / PATCHES_FILE
+    path = out / "patches.safetensors"
     patches = (load_patches(path) if path.exists() else [])[: applied(records) * per_edit]
     for shard in journal_files(out, records, len(patches), per_edit):
         patches += load_patches(shard)
@@ -168,7 +166,7 @@ def journal_files(
     shards = [out / PATCH_JOURNAL / f"{i:07d}.safetensors" for i in indices[folded // per_edit :]]
     missing = [s for s in shards if not s.is_file()]
     if missing:
-        folded_file = out / PATCHES_FILE
+        folded_file = out / "patches.safetensors"
         held = f"holds {folded} of" if folded_file.exists() else "is missing, and with it"
         raise PatchFileError(
             f"{folded_file}: {held} the {needed} patches of the report's {len(indices)} "
@@ -183,7 +181,7 @@ def check_journal(out: Path, per_edit: int) -> None:
     """Before a resume of the run in ``out`` loads the model: its report and its patches
     (``per_edit`` an edit) are in step (``journal_files``), and none would be dropped for
     want of the report."""
-    report, folded = out / REPORT, out / PATCHES_FILE
+    report, folded = out / "report.jsonl", out / "patches.safetensors"
     count = len(load_patches(folded)) if folded.exists() else 0
     if not report.exists() and count:
         raise FileNotFoundError(

@@ -44,7 +44,6 @@ from rrome_cli.evaluate import (
     probe_entropy,
 )
 from rrome_cli.files import (
-    REPORT,
     append_record,
     done_records,
     new_run_dir,
@@ -348,7 +347,7 @@ def _record(index: int, request: EditRequest) -> dict[str, Any]:
 
 def _made(state: RunState, index: int, patches: list[Patch]) -> None:
     """An edit's patches: journalled now (before its report line), kept until its line is
-    written (``_write_in_order``)."""
+    written (``run_edits``)."""
     journal_edit(state.out, index, patches, _with_keys(state))
     state.unreported[index] = patches
 
@@ -451,7 +450,7 @@ def run_edits(
     cov_from: list[dict[str, str]] = []
     covariances, cov_source = prepare_covariances(loaded, hp, opts, cov_from)
     out = new_run_dir(resume or opts.out)
-    report_path = out / REPORT
+    report_path = out / "report.jsonl"
     previous = done_records(report_path) if resume else []
     if resume:
         write_jsonl(report_path, previous)  # drop a torn tail

@@ -1,5 +1,6 @@
 """``rrome eval``: evaluate requests on a model as is, on a base model plus patches, or on a
-second model against the first. Writes the same report.jsonl / summary.json as ``rrome edit``.
+second model against the first. Writes the same report.jsonl / summary.json as ``rrome edit``,
+each record's status "evaluated": nothing is edited here.
 
 Protocol: "pre" is always ``--model`` as loaded; "post" is the patched model (``--patches``) or
 the ``--compare`` model, with locality measured against "pre".
@@ -16,7 +17,7 @@ from rrome_cli.engine.update import apply_patch
 from rrome_cli.evaluate.html_report import write_html
 from rrome_cli.evaluate.metrics import evaluate_requests
 from rrome_cli.evaluate.summary import EVALUATED, render_summary, summarise
-from rrome_cli.files import REPORT, new_run_dir, refuse_finished_run, write_json, write_jsonl
+from rrome_cli.files import new_run_dir, refuse_finished_run, write_json, write_jsonl
 from rrome_cli.lengths import check_length, max_positions
 from rrome_cli.models.loading import load_model
 from rrome_cli.patches import check_patches_fit, load_patches, warn_if_independent
@@ -89,7 +90,7 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
             record["post"] = post[i][0]
         records.append(record)
     out = new_run_dir(opts.out)
-    write_jsonl(out / REPORT, records)
+    write_jsonl(out / "report.jsonl", records)
     summary = summarise(records)
     provenance = {
         "model": base.model_id,
