@@ -28,6 +28,14 @@ import torch
 from safetensors.torch import save_file
 
 
+def cache_dir() -> Path:
+    """Where rrome keeps converted models and statistics (``$RROME_CACHE`` wins)."""
+    if os.environ.get("RROME_CACHE"):
+        return Path(os.environ["RROME_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rrome"
+
+
 def make_dir(parent: Path, prefix: str) -> Path:
     """A new, uniquely named directory in ``parent`` with the mode ``mkdir`` gives (0777 less
     the umask), where ``tempfile.mkdtemp`` would give 0700."""

@@ -60,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
 from rrome_cli.engine.positions import pad_id, right_padded
-from rrome_cli.files import save_safetensors_atomic
+from rrome_cli.files import cache_dir, save_safetensors_atomic
 from rrome_cli.models.families import (
     ModuleNames,
     get_module,
@@ -310,8 +310,6 @@ class _Digests:
 
     def __init__(self, stats_dir: Path | None) -> None:
         if stats_dir is None:
-            from rrome_cli.models.loading import cache_dir
-
             stats_dir = cache_dir() / "stats"
         self.path = Path(stats_dir) / DIGESTS_FILE
         self.changed = False
@@ -675,8 +673,6 @@ def second_moment(
     if batch_tokens < max_len:
         raise ValueError(f"batch_tokens ({batch_tokens}) must be at least max_len ({max_len})")
     if stats_dir is None:
-        from rrome_cli.models.loading import cache_dir
-
         stats_dir = cache_dir() / "stats"
     source = open_corpus(corpus)
     key = _key(model, names, layer, model_id, revision, source, tokens, max_len, Path(stats_dir))
