@@ -113,9 +113,14 @@ def device_map(
     limits = {k: max_memory[k] for k in targets}
     with _quiet_accelerate():
         if sum(isinstance(k, int) for k in targets) > 1:
-            limits = get_balanced_memory(
-                model, limits, no_split_module_classes=no_split, dtype=dtype
+            # It balances the GPUs alone, but reads every other key as a torch device, which
+            # "disk" is not: the disk's limit goes around it.
+            disk = {k: v for k, v in limits.items() if k == "disk"}
+            on_devices = {k: v for k, v in limits.items() if k != "disk"}
+            balanced = get_balanced_memory(
+                model, on_devices, no_split_module_classes=no_split, dtype=dtype
             )
+            limits = balanced | disk
         return dict(
             infer_auto_device_map(
                 model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype
