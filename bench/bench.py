@@ -60,17 +60,12 @@ from rrome_cli.config import (  # noqa: E402
 )
 from rrome_cli.engine.edit import edit  # noqa: E402
 from rrome_cli.engine.templates import generate_templates  # noqa: E402
-from rrome_cli.engine.update import (  # noqa: E402
-    KeyCovariance,
-    Patch,
-    apply_patch,
-    load_patches,
-    restore_weight,
-)
+from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch, restore_weight  # noqa: E402
 from rrome_cli.evaluate import summarise  # noqa: E402
 from rrome_cli.evaluate.fluency import generate, n_gram_entropy  # noqa: E402
 from rrome_cli.memcheck import geometry_for, measure_peak, plan  # noqa: E402
 from rrome_cli.models.loading import LoadedModel, load_model  # noqa: E402
+from rrome_cli.patches import load_patches  # noqa: E402
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict  # noqa: E402
 from rrome_cli.run import (  # noqa: E402
     RunOptions,

@@ -22,7 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
-from rrome_cli.evaluate.summary import bootstrap_interval
+from rrome_cli.evaluate.summary import SCORED_AFTER, bootstrap_interval
 
 LABELS = Path(__file__).resolve().parent / "counterfact-rephrase-labels.json"
 
@@ -39,10 +39,11 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def rephrase_by_case(rows: list[dict], phase: str) -> dict[str, float]:
-    """case_id -> rephrase accuracy, for every applied record of a report."""
+    """case_id -> rephrase accuracy, for every applied (or, of rrome eval, evaluated) record
+    of a report."""
     out = {}
     for row in rows:
-        if row.get("status", "applied") != "applied":
+        if row.get("status", "applied") not in SCORED_AFTER:
             continue
         metrics = row.get(phase, row)
         if "rephrase_acc" in metrics:

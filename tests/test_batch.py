@@ -15,7 +15,6 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from rrome_cli import run as run_module
 from rrome_cli.cli import app
 from rrome_cli.config import HParams, load_hparams, shipped_hparams
 from rrome_cli.engine import values as values_module
@@ -25,13 +24,14 @@ from rrome_cli.engine.update import (
     apply_patch,
     left_vector,
     left_vectors,
-    load_patches,
     restore_weight,
     rows_patched,
 )
+from rrome_cli.files import PATCH_JOURNAL
 from rrome_cli.models.families import module_names, weight_as_out_in
 from rrome_cli.models.loading import load_model
 from rrome_cli.models.tiny import tiny_model
+from rrome_cli.patches import load_patches
 from rrome_cli.run import RunOptions, run_edits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -198,7 +198,7 @@ def test_interrupted_batched_run_resumes_each_request_once(
         )  # fmt: skip
     assert len(records(tmp_path / "cut")) == 4
     assert len(load_patches(tmp_path / "cut" / "patches.safetensors")) == 4
-    assert not (tmp_path / "cut" / run_module.PATCH_JOURNAL).exists()
+    assert not (tmp_path / "cut" / PATCH_JOURNAL).exists()
     run_edits(
         load_model("tiny-llama"), hp, options(tmp_path / "cut"), QUIET, resume=tmp_path / "cut"
     )

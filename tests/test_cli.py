@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 from rrome_cli import run as run_module
 from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
-from rrome_cli.engine.update import Patch, load_patches, save_patches
+from rrome_cli.engine.update import Patch
+from rrome_cli.files import PATCH_JOURNAL
 from rrome_cli.models.loading import load_model, load_tokenizer
+from rrome_cli.patches import load_patches, save_patches
 from rrome_cli.run import RunOptions, run_edits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -213,7 +215,7 @@ def test_resume_after_crash_matches_uninterrupted_run(
     class Crash(Exception):
         pass
 
-    journal = tmp_path / "cut" / run_module.PATCH_JOURNAL
+    journal = tmp_path / "cut" / PATCH_JOURNAL
 
     def crash_after_three(record: dict) -> None:
         assert not (tmp_path / "cut" / "patches.safetensors").exists()
@@ -272,23 +274,23 @@ def test_interrupt_between_patch_and_report_line_keeps_them_in_step(
         return RunOptions(requests=str(SAMPLE), limit=4, out=out)
 
     full_dir, _ = run_edits(load_model("tiny-llama"), hp, options(tmp_path / "full"), console)
-    append = run_module._append
+    append = run_module.append_record
 
     def interrupted_third(report, record, stdout) -> None:  # noqa: ANN001
         if record["index"] == 2:
-            assert (tmp_path / "cut" / run_module.PATCH_JOURNAL / "0000002.safetensors").exists()
+            assert (tmp_path / "cut" / PATCH_JOURNAL / "0000002.safetensors").exists()
             raise KeyboardInterrupt
         append(report, record, stdout)
 
-    monkeypatch.setattr(run_module, "_append", interrupted_third)
+    monkeypatch.setattr(run_module, "append_record", interrupted_third)
     with pytest.raises(KeyboardInterrupt):
         run_edits(load_model("tiny-llama"), hp, options(tmp_path / "cut"), console)
-    monkeypatch.setattr(run_module, "_append", append)
+    monkeypatch.setattr(run_module, "append_record", append)
     cut_dir = tmp_path / "cut"
     lines = (cut_dir / "report.jsonl").read_text().splitlines()
     reported = [str(json.loads(x)["case_id"]) for x in lines]
     assert [p.request for p in load_patches(cut_dir / "patches.safetensors")] == reported
-    assert len(reported) == 2 and not (cut_dir / run_module.PATCH_JOURNAL).exists()
+    assert len(reported) == 2 and not (cut_dir / PATCH_JOURNAL).exists()
     run_edits(load_model("tiny-llama"), hp, options(cut_dir), console, resume=cut_dir)
     cut, full = (load_patches(d / "patches.safetensors") for d in (cut_dir, full_dir))
     assert [p.request for p in cut] == [p.request for p in full] and len(cut) == 4
@@ -317,7 +319,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_its_patches(tmp_path: Path) 
     assert 2 <= len(records) < len(lines) * 20
     applied = [str(r["case_id"]) for r in records if r["status"] == "applied"]
     assert applied and [p.request for p in load_patches(out / "patches.safetensors")] == applied
-    assert not (out / run_module.PATCH_JOURNAL).exists()
+    assert not (out / PATCH_JOURNAL).exists()
 
 
 def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:
@@ -337,7 +339,7 @@ def test_independent_run_leaves_model_unchanged(tmp_path: Path) -> None:
 
 
 def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
-    from rrome_cli.engine.update import load_patches
+    from rrome_cli.patches import load_patches
 
     out = tmp_path / "seq"
     result = run(
@@ -465,6 +467,24 @@ def test_eval_with_patches_and_compare(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     records = [json.loads(x) for x in (same / "report.jsonl").read_text().splitlines()]
     assert all(r["post"]["locality"] == 1.0 and r["post"] == r["pre"] for r in records)
+
+
+def test_eval_reports_say_nothing_was_edited(tmp_path: Path) -> None:
+    """rrome eval measures and edits nothing: each report line says "evaluated" (it said
+    "applied"), the summary counts evaluations only, and the second model's metrics are still
+    summarised as "post"."""
+    out, html = tmp_path / "same", tmp_path / "report.html"
+    args = ("--model", "tiny-llama", "--limit", "2", "--compare", "tiny-llama")
+    result = run("eval", str(SAMPLE), *args, "--out", str(out), "--html", str(html))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["evaluated", "evaluated"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"evaluated": 2}
+    assert summary["metrics"]["post"]["locality"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 2}
+    shown = " ".join(result.stderr.split())
+    assert "2 requests: 2 evaluated" in shown and "applied" not in shown
+    assert "2 requests: 2 evaluated" in html.read_text()
 
 
 def test_phrasings_table_reaches_the_report(tmp_path: Path) -> None:

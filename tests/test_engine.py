@@ -31,14 +31,13 @@ from rrome_cli.engine.update import (
     apply_patch,
     apply_update,
     left_vector,
-    load_patches,
     right_vector,
-    save_patches,
 )
 from rrome_cli.engine.values import ValueResult, ValueSpec, _value_loss, kl_row, prompt_row
 from rrome_cli.evaluate.tokens import score_answers
 from rrome_cli.models.families import ModuleNames, is_conv1d, module_names, weight_as_out_in
 from rrome_cli.models.tiny import tiny_model
+from rrome_cli.patches import load_patches, save_patches
 from rrome_cli.requests import EditRequest
 
 LAYER = 1

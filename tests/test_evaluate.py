@@ -397,6 +397,18 @@ def test_summarise_counts_means_and_s():
     assert list(pre) == ["rewrite_acc", "es", "ps", "ns"]
 
 
+def test_summarise_evaluations_counts_them_and_their_post():
+    """rrome eval's records ("evaluated": nothing edited) are counted as such, without zero
+    counts of edit outcomes, and their "post" (the patched or second model) is summarised."""
+    evaluated = [r | {"status": "evaluated"} for r in RECORDS[:2]]
+    summary = summarise(evaluated, n_boot=100)
+    assert summary["counts"] == {"evaluated": 2}
+    assert summary["metrics"]["post"]["ps"]["mean"] == pytest.approx(0.75)
+    console = Console(file=io.StringIO(), width=140, record=True)
+    render_summary(summary, {"protocol": "as is"}, console)
+    assert "2 requests: 2 evaluated" in console.export_text()
+
+
 def test_render_summary_shows_provenance_and_metrics():
     console = Console(file=io.StringIO(), width=140, record=True)
     provenance = {

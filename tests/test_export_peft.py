@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from typer.testing import CliRunner
 
 from rrome_cli.cli import app
-from rrome_cli.engine.update import Patch, apply_patch, save_patches
+from rrome_cli.engine.update import Patch, apply_patch
 from rrome_cli.export_peft import (
     SUM_OF_INDEPENDENT,
     BaseModel,
@@ -23,6 +23,7 @@ from rrome_cli.export_peft import (
 from rrome_cli.models.families import FAMILIES as ARCHITECTURES
 from rrome_cli.models.families import weight_as_out_in
 from rrome_cli.models.tiny import tiny_model
+from rrome_cli.patches import save_patches
 
 peft = pytest.importorskip("peft")
 
@@ -157,7 +158,7 @@ def independent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_each_edit_of_an_independent_run_is_its_own_adapter(
     tmp_path: Path, independent_run: Path
 ) -> None:
-    from rrome_cli.engine.update import load_patches
+    from rrome_cli.patches import load_patches
 
     path = independent_run / "patches.safetensors"
     patches = load_patches(path)

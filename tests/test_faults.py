@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from rrome_cli.cli import app
 from rrome_cli.config import shipped_hparams
-from rrome_cli.engine.update import load_patches, save_patches
-from rrome_cli.run import CHECKPOINT_MARK, PATCH_JOURNAL
+from rrome_cli.files import PATCH_JOURNAL
+from rrome_cli.models.loading import CHECKPOINT_MARK
+from rrome_cli.patches import load_patches, save_patches
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLE = DATA / "counterfact-sample.jsonl"
@@ -375,8 +376,7 @@ def test_an_edit_whose_target_did_not_move_is_a_no_op() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-llama saved as a local checkpoint (made once; tests work on copies)."""
-    from rrome_cli.models.loading import load_model
-    from rrome_cli.run import save_model_atomic
+    from rrome_cli.models.loading import load_model, save_model_atomic
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_model_atomic(load_model("tiny-llama"), path)

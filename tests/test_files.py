@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rrome_cli.engine.update import Patch, save_patches
+from rrome_cli.engine.update import Patch
 from rrome_cli.files import save_safetensors_atomic
-from rrome_cli.models.loading import load_model
-from rrome_cli.run import save_model_atomic
+from rrome_cli.models.loading import load_model, save_model_atomic
+from rrome_cli.patches import save_patches
 
 
 def mode(path: Path) -> int:

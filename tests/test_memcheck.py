@@ -127,6 +127,19 @@ def test_llama2_fp16_on_two_24gib_cards_splits_the_weights_and_fits(offline) -> 
     assert json.loads(result.to_json())["fits"] is True
 
 
+def test_two_cards_with_disk_offload_are_planned(offline) -> None:
+    """accelerate balances the GPUs of a map that also offloads to disk (it read "disk" as a
+    torch device: an internal error), and the cheapest fix may add a GPU beside a disk."""
+    hp = load_hparams(shipped_hparams("llama2-7b"))
+    result = plan("llama2-7b", "fp16", "0,1", {0: "4GiB", 1: "4GiB", "disk": "100GiB"}, hp)
+    weights = {d.device: d.weights for d in result.devices}
+    assert set(weights) == {"cuda:0", "cuda:1", "disk"} and min(weights.values()) > GiB
+    assert sum(weights.values()) == param_bytes(meta_model(load_config("llama2-7b"), torch.float16))
+    gpt2 = load_hparams(shipped_hparams("gpt2-xl"))
+    small = plan("gpt2-xl", "fp32", None, {0: "2GiB", "cpu": "8GiB", "disk": "50GiB"}, gpt2)
+    assert not small.fits and small.fix  # trying a second GPU beside the disk
+
+
 def test_mistral_bf16_on_one_24gib_card_fits_and_16gib_does_not(offline) -> None:
     hp = load_hparams(shipped_hparams("mistral-7b"))
     big = plan("mistral-7b", "bf16", None, parse_max_memory("0=24GiB"), hp)

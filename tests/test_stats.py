@@ -308,7 +308,6 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
     model, tok = tiny_model("llama")
     names = module_names(type(model).__name__)
     single = run(model, tok, names, corpus, tmp_path / "single", batch_tokens=MAX_LEN)
-    out = tmp_path / "dist.safetensors"
     command = [
         sys.executable,
         "-m",
@@ -317,7 +316,8 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
         "--nproc_per_node",
         "2",
         "-m",
-        "rrome_cli.engine.stats",
+        "rrome_cli.cli",
+        "stats",
         "--model",
         "tiny-llama",
         "--layer",
@@ -332,16 +332,41 @@ def test_two_gloo_processes_equal_one(corpus, tmp_path) -> None:
         str(MAX_LEN),
         "--stats-dir",
         str(tmp_path / "dist"),
-        "--out",
-        str(out),
-        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RROME_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "dist" / single.path.name
     with safe_open(str(out), framework="pt") as fh:
         mom2, meta = fh.get_tensor("mom2"), fh.metadata()
     assert meta["world"] == "2" and meta["tokens"] == "1500"
     torch.testing.assert_close(mom2, single.mom2, rtol=1e-6, atol=1e-9)
     cached = list((tmp_path / "dist").glob("*.safetensors"))
     assert [p.name for p in cached] == [single.path.name]  # same key, no partials left
+
+
+def test_rrome_stats_writes_where_rrome_edit_reads(tmp_path: Path) -> None:
+    """`rrome stats --hparams H` caches C in H's stats_dir, the one `rrome edit --hparams H`
+    reads: the edit finds it there and computes nothing more."""
+    from typer.testing import CliRunner
+
+    from rrome_cli.cli import app
+    from rrome_cli.config import shipped_hparams
+
+    stats_dir = tmp_path / "stats"
+    text = shipped_hparams("tiny-llama").read_text()
+    text = text.replace("mom2_adjustment: false", "mom2_adjustment: true")
+    text = text.replace("mom2_n_samples: 2000", "mom2_n_samples: 300")
+    hparams = tmp_path / "h.yaml"
+    hparams.write_text(text + f"stats_dir: {stats_dir}\n")
+    runner = CliRunner()
+    args = ["--model", "tiny-llama", "--hparams", str(hparams)]
+    result = runner.invoke(app, ["stats", *args])
+    assert result.exit_code == 0, result.stderr
+    [made] = stats_dir.glob("*.safetensors")
+    sample = Path(__file__).resolve().parents[1] / "data" / "counterfact-sample.jsonl"
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["edit", str(sample), *args, "--limit", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    [source] = json.loads((out / "run.json").read_text())["covariance_from"]
+    assert source["file"] == str(made) and list(stats_dir.glob("*.safetensors")) == [made]

@@ -36,10 +36,11 @@ from rrome_cli.config import from_dict
 from rrome_cli.engine.keys import keys_after_subject, keys_at, templated
 from rrome_cli.engine.stats import second_moment_of
 from rrome_cli.engine.templates import load_templates
-from rrome_cli.engine.update import KeyCovariance, left_vector, load_patches
+from rrome_cli.engine.update import KeyCovariance, left_vector
 from rrome_cli.evaluate import Reference, evaluate_requests
 from rrome_cli.models.families import weight_as_out_in
 from rrome_cli.models.loading import LoadedModel, load_model
+from rrome_cli.patches import load_patches
 from rrome_cli.requests import EditRequest, read_requests
 
 

@@ -24,11 +24,11 @@ from rich.console import Console
 from rrome_cli.config import HParams, HParamsError, key_location, load_hparams, shipped_hparams
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
-from rrome_cli.engine.update import PatchFileError
 from rrome_cli.memcheck import TYPICAL, MemcheckError, PromptShape, longest_shape
 from rrome_cli.models.families import UnknownArchitectureError
 from rrome_cli.models.loading import ModelLoadError, load_config, load_tokenizer
 from rrome_cli.models.registry import hparams_name
+from rrome_cli.patches import PatchFileError
 from rrome_cli.requests import (
     FORMATS,
     STDIN_NAME,
@@ -310,13 +310,13 @@ def edit_cmd(
 
     from rrome_cli.config import VARIANTS
     from rrome_cli.distributed import edit_ranks, rank_dir, ranks_from_env
+    from rrome_cli.files import refuse_finished_run
     from rrome_cli.models.loading import load_model
     from rrome_cli.run import (
         RunOptions,
         check_request_lengths,
         check_resume,
         load_run,
-        refuse_finished_run,
         run_edits,
     )
 
@@ -673,6 +673,7 @@ def stats_cmd(
                 stats_dir=stats_dir,
                 dtype=_dtype(fp16, bf16),
                 devices=devices,
+                hparams=hp,  # its module names and stats_dir, as `rrome edit` reads them
             )
             console.print(f"layer {one}: C over {result.tokens} tokens -> {result.path}")
 
@@ -727,14 +728,9 @@ def apply_cmd(
 ) -> None:
     """Apply a run's rank-one patches to a base model (or revert them) and save a checkpoint,
     or write them as a PEFT LoRA adapter (--format peft)."""
-    from rrome_cli.engine.update import (
-        apply_patch,
-        check_patches_fit,
-        load_patches,
-        revert_patch,
-    )
-    from rrome_cli.models.loading import load_model
-    from rrome_cli.run import save_model_atomic, warn_if_independent
+    from rrome_cli.engine.update import apply_patch, revert_patch
+    from rrome_cli.models.loading import load_model, save_model_atomic
+    from rrome_cli.patches import check_patches_fit, load_patches, warn_if_independent
 
     def body() -> None:
         if out_format not in APPLY_FORMATS:

@@ -25,10 +25,12 @@ import torch.distributed as dist
 from rich.console import Console
 
 from rrome_cli.config import HParams
-from rrome_cli.engine.update import Patch, load_patches, save_patches
+from rrome_cli.engine.update import Patch
 from rrome_cli.evaluate import render_summary, summarise
+from rrome_cli.files import done_records, write_json, write_jsonl
 from rrome_cli.models.loading import LoadedModel
-from rrome_cli.run import RunOptions, done_records, prepare_templates, run_edits, write_json
+from rrome_cli.patches import load_patches, save_patches
+from rrome_cli.run import RunOptions, prepare_templates, run_edits
 
 
 def ranks_from_env() -> tuple[int, int, int]:
@@ -95,9 +97,7 @@ def merge_ranks(out: Path, ranks: int, hp: HParams) -> dict[str, Any]:
         records += own
         failed += json.loads((run / "summary.json").read_text()).get("failed_internal", 0)
     records.sort(key=lambda r: r["index"])
-    tmp = out / "report.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    tmp.replace(out / "report.jsonl")
+    write_jsonl(out / "report.jsonl", records)
     ordered = [p for r in records for p in patches.get(r["index"], [])]
     save_patches(out / "patches.safetensors", ordered, with_keys=False)
     first = rank_dir(out, 0)

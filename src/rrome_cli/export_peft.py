@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from rrome_cli.engine.update import Patch, PatchFileError
+from rrome_cli.engine.update import Patch
 from rrome_cli.files import publish
 from rrome_cli.models.families import is_conv1d
+from rrome_cli.patches import PatchFileError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -362,9 +363,8 @@ def export(
     """``rrome apply --format peft``: the patches of ``patches_file`` as one adapter at
     ``out`` (``each``: one per edit, in folders under ``out``) for ``model``, whose weights
     are never loaded. A bad patches file, or one made for another model, fails first."""
-    from rrome_cli.engine.update import check_patches_fit, load_patches
     from rrome_cli.models.loading import load_skeleton
-    from rrome_cli.run import run_protocol
+    from rrome_cli.patches import check_patches_fit, load_patches, run_protocol
 
     patches = load_patches(patches_file)
     if not patches:

@@ -9,19 +9,15 @@ and ``resume`` continues it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
-import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -38,14 +34,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from rrome_cli.config import HParams, from_dict
 from rrome_cli.engine.edit import EditResult, edit, edit_independent, protect_edited_keys
 from rrome_cli.engine.templates import generate_templates, load_templates, save_templates
-from rrome_cli.engine.update import (
-    KeyCovariance,
-    Patch,
-    PatchFileError,
-    apply_patch,
-    load_patches,
-    save_patches,
-)
+from rrome_cli.engine.update import KeyCovariance, Patch, apply_patch
 from rrome_cli.evaluate import (
     evaluate_edits,
     evaluate_request,
@@ -54,10 +43,25 @@ from rrome_cli.evaluate import (
     first_drift,
     probe_entropy,
 )
-from rrome_cli.files import make_dir, publish
+from rrome_cli.files import (
+    append_record,
+    done_records,
+    new_run_dir,
+    package_version,
+    refuse_finished_run,
+    write_json,
+    write_jsonl,
+)
 from rrome_cli.lengths import check_length, max_positions, template_allowance
 from rrome_cli.models.families import execution_device, weight_as_out_in
-from rrome_cli.models.loading import LoadedModel
+from rrome_cli.models.loading import LoadedModel, check_model_target, save_model_atomic
+from rrome_cli.patches import (
+    applied,
+    check_journal,
+    fold_journal,
+    journal_edit,
+    reported_patches,
+)
 from rrome_cli.requests import (
     EditRequest,
     RequestError,
@@ -127,71 +131,9 @@ class RunState:
     covariance_from: list[dict[str, str]] = field(default_factory=list)
 
 
-PATCH_JOURNAL = "patches.d"  # one file per applied edit while a run goes
-# What a run (or ``rrome eval``) writes into its directory. A new run never writes into a
-# directory holding any of them: it would mix two runs in one report, or replace (delete) what
-# is there. A non-empty report.jsonl counts too.
-RUN_FILES = (
-    "run.json",
-    "summary.json",
-    "patches.safetensors",
-    PATCH_JOURNAL,
-    "model",
-    "templates.json",
-    "retrospective.jsonl",
-)
-
-
-def new_run_dir(out: Path | None) -> Path:
-    """``out``, or a new ``runs/<timestamp>`` (``-2``, ``-3``, ... when that one is taken: two
-    runs started in the same second must not share a directory)."""
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{base}: too many runs started in this second")
-
-
-def held_run_files(out: Path) -> list[str]:
-    """Which of a run's files ``out`` holds already."""
-    report = out / "report.jsonl"
-    held = ["report.jsonl"] if report.is_file() and report.stat().st_size else []
-    return held + [name for name in RUN_FILES if (out / name).exists()]
-
-
-def refuse_finished_run(out: Path | None, resumable: bool = True) -> None:
-    """A new run (or evaluation) writes only into a new or empty-of-runs directory: raise if
-    ``out`` already holds a run's files. ``resumable``: the message offers ``--resume``."""
-    if out is None or not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a directory")
-    held = held_run_files(out)
-    if held:
-        how = "choose another --out"
-        if resumable and (out / "run.json").exists():
-            how = f"continue it with --resume {out}, or {how}"
-        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}): {how}")
-
-
 def library_versions() -> dict[str, str]:
     names = ("rrome-cli", "torch", "transformers", "accelerate", "safetensors", "datasets")
-    return {n: _version(n) for n in names} | {"python": platform.python_version()}
-
-
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:  # running from a source tree, or an optional package
-        return "not installed"
+    return {n: package_version(n) for n in names} | {"python": platform.python_version()}
 
 
 def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
@@ -256,19 +198,6 @@ def prepare_covariances(
             key = {k: stats.metadata[k] for k in KEY_FIELDS if k in stats.metadata}
             computed_from.append({"layer": str(layer), "file": str(stats.path), **key})
     return covariances, "second moment: " + "; ".join(sorted(set(sources)))
-
-
-def done_records(report: Path) -> list[dict[str, Any]]:
-    """Records of a previous (interrupted) run; a torn last line is dropped."""
-    if not report.exists():
-        return []
-    records = []
-    for line in report.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
 
 
 def _cumulative_ratio(state: RunState, result: EditResult) -> float:
@@ -418,8 +347,8 @@ def _record(index: int, request: EditRequest) -> dict[str, Any]:
 
 def _made(state: RunState, index: int, patches: list[Patch]) -> None:
     """An edit's patches: journalled now (before its report line), kept until its line is
-    written (``_write_in_order``)."""
-    save_edit_patches(state, index, patches)
+    written (``run_edits``)."""
+    journal_edit(state.out, index, patches, _with_keys(state))
     state.unreported[index] = patches
 
 
@@ -524,7 +453,7 @@ def run_edits(
     report_path = out / "report.jsonl"
     previous = done_records(report_path) if resume else []
     if resume:
-        report_path.write_text("".join(json.dumps(r) + "\n" for r in previous))  # drop a torn tail
+        write_jsonl(report_path, previous)  # drop a torn tail
     templates = prepare_templates(loaded, hp, opts, out)
     state = RunState(loaded, hp, opts, out, templates, covariances, cov_source)
     state.covariance_from = cov_from
@@ -576,7 +505,7 @@ def run_edits(
             for record in _in_order(made, skipped):
                 state.patches.extend(state.unreported.pop(record["index"], []))
                 records.append(record)
-                _append(report, record, stdout)
+                append_record(report, record, stdout)
                 request = record["request"]
                 progress.update(task, description=f"{request['prompt']} -> {request['target_new']}")
                 progress.advance(task)
@@ -651,63 +580,23 @@ def _with_keys(state: RunState) -> bool:
     return state.opts.sequential and state.hp.protect_weight > 0  # a resume needs the keys
 
 
-def save_edit_patches(state: RunState, index: int, patches: list[Patch]) -> None:
-    """One edit's patches in a file of their own, ``patches.d/<index>.safetensors``, written
-    atomically. Rewriting the run's whole patch file after each edit cost O(n) per edit:
-    1.2 s an edit by the 2,000th on a 7B model (120 MB); the journal is folded into
-    ``patches.safetensors`` when the run ends, is interrupted, or resumes."""
-    journal = state.out / PATCH_JOURNAL
-    journal.mkdir(exist_ok=True)
-    save_patches(journal / f"{index:07d}.safetensors", patches, with_keys=_with_keys(state))
-
-
 def save_run_patches(state: RunState) -> None:
-    """Every patch of the run in ``patches.safetensors`` (atomically); the journal goes."""
-    save_patches(state.out / "patches.safetensors", state.patches, with_keys=_with_keys(state))
-    clear_journal(state.out / PATCH_JOURNAL)
-
-
-# A journal file, or the temporary file it is written through (files.save_safetensors_atomic)
-_JOURNAL_FILE = re.compile(r"\.?\d{7}\.safetensors(\..+\.tmp)?")
-
-
-def clear_journal(journal: Path) -> None:
-    """Remove the journal's own files, then the folder if that left it empty: anything else
-    found there is not rrome's, and stays."""
-    if not journal.is_dir():
-        return
-    for path in journal.iterdir():
-        if _JOURNAL_FILE.fullmatch(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        journal.rmdir()
+    """Every patch of the run in ``patches.safetensors``; the journal goes."""
+    fold_journal(state.out, state.patches, _with_keys(state))
 
 
 def keep_reported_patches(state: RunState, report: Path) -> None:
     """Drop the patches of an edit whose report line was never written: an interruption
     between the two leaves one edit more in memory than the report holds (a resume makes
     it again). The report on disk is the record of what was done."""
-    del state.patches[_reported_patches(state, done_records(report)) :]
-
-
-def _reported_patches(state: RunState, records: list[dict[str, Any]]) -> int:
-    """How many patches the applied ``records`` made: one per edited layer each."""
-    return _applied(records) * len(state.hp.layers)
+    del state.patches[applied(done_records(report)) * len(state.hp.layers) :]
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
-    """Take back the patches of the records the report holds: those folded into
-    ``patches.safetensors``, then the journal's (a run killed outright leaves its last edits
-    there); a sequential run also re-applies them, bringing the model back to where the
-    interrupted run stood.
-
-    Patches are saved before their report line, so an interruption in between leaves one
-    edit more than the report holds; that edit is dropped and made again."""
-    path = state.out / "patches.safetensors"
-    patches = (load_patches(path) if path.exists() else [])[: _reported_patches(state, previous)]
-    for shard in _journal_shards(state.out, previous, len(patches), len(state.hp.layers)):
-        patches += load_patches(shard)
-    state.patches = patches
+    """Take back the patches of the records the report holds (``reported_patches``) and fold
+    them; a sequential run also re-applies them, bringing the model back to where the
+    interrupted run stood."""
+    state.patches = reported_patches(state.out, previous, len(state.hp.layers))
     save_run_patches(state)
     if not state.opts.sequential:
         return
@@ -718,47 +607,12 @@ def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
     protect_edited_keys(state.patches, state.covariances, state.hp.protect_weight)
 
 
-def _journal_shards(
-    out: Path, previous: list[dict[str, Any]], folded: int, per_edit: int
-) -> list[Path]:
-    """The journal files holding the applied edits of ``previous`` (report records) past the
-    first ``folded`` patches (those in patches.safetensors). The report and the patches never
-    disagree: an edit in neither raises, naming what is missing."""
-    applied = [r["index"] for r in previous if r.get("status") == "applied"]
-    needed = len(applied) * per_edit
-    shards = [out / PATCH_JOURNAL / f"{i:07d}.safetensors" for i in applied[folded // per_edit :]]
-    missing = [s for s in shards if not s.is_file()]
-    if missing:
-        folded_file = out / "patches.safetensors"
-        held = f"holds {folded} of" if folded_file.exists() else "is missing, and with it"
-        raise PatchFileError(
-            f"{folded_file}: {held} the {needed} patches of the report's {len(applied)} "
-            f"applied edits, and the journal {out / PATCH_JOURNAL} lacks {len(missing)} of "
-            f"the rest ({missing[0].name}, ...): the run cannot go on with its report and "
-            f"patches in step. Put {folded_file.name} back, or start again with a new --out"
-        )
-    return shards
-
-
 def check_resume(out: Path, hp: HParams, opts: RunOptions) -> None:
     """Before the model loads: ``--resume out`` can keep its report and patches in step, and
     will replace no model folder that rrome did not write."""
-    report, folded = out / "report.jsonl", out / "patches.safetensors"
-    count = len(load_patches(folded)) if folded.exists() else 0
-    if not report.exists() and count:
-        raise FileNotFoundError(
-            f"{report}: missing, while {folded} holds {count} patches; a resume would drop "
-            "them. Put the report back, or start again with a new --out"
-        )
-    previous = done_records(report)
-    per_edit = len(hp.layers)
-    _journal_shards(out, previous, min(count, _applied(previous) * per_edit), per_edit)
+    check_journal(out, len(hp.layers))
     if opts.save_model:
         check_model_target(out / "model")
-
-
-def _applied(records: list[dict[str, Any]]) -> int:
-    return sum(r.get("status") == "applied" for r in records)
 
 
 def _safe_edit(
@@ -794,87 +648,6 @@ def retrospective(
         {"index": i, "status": status.get(i), "retro": metrics}
         for i, (metrics, _) in enumerate(retro)
     ]
-
-
-def _append(report: IO[str], record: dict[str, Any], stdout: IO[str] | None) -> None:
-    line = json.dumps(record, default=str) + "\n"
-    report.write(line)
-    report.flush()
-    if stdout is not None:
-        stdout.write(line)
-        stdout.flush()
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def run_protocol(patches: Path) -> str | None:
-    """How the run that wrote ``patches`` made them, "independent" or "sequential", from the
-    run.json beside it; None without one (a patch file copied elsewhere)."""
-    run_json = patches.parent / "run.json"
-    if not run_json.exists():
-        return None
-    return json.loads(run_json.read_text()).get("protocol")
-
-
-def warn_if_independent(patches: Path, n: int, console: Console) -> None:
-    """Patches of an independent run were each made on the unedited model: applied together
-    (``rrome eval --patches``, ``rrome apply``) they give a model that run never evaluated."""
-    if n > 1:
-        if run_protocol(patches) == "independent":
-            console.print(
-                f"[yellow]{patches}: these {n} patches come from an independent run (each made "
-                "on the unedited model); here they are applied all together"
-            )
-
-
-CHECKPOINT_MARK = "rrome-checkpoint.json"  # in every checkpoint rrome writes
-
-
-def check_model_target(target: Path, replace: bool = False) -> None:
-    """``target`` may be written: it is new, a checkpoint rrome wrote (it holds
-    CHECKPOINT_MARK), or ``replace`` says so (``rrome apply --overwrite``, which checks it is
-    a checkpoint). Anything else would be deleted by the replacement: refused."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if replace or (target.is_dir() and (target / CHECKPOINT_MARK).is_file()):
-        return
-    raise FileExistsError(
-        f"{target}: exists and is not a checkpoint rrome wrote; rrome replaces only its own. "
-        "Move it away, or choose another --out"
-    )
-
-
-def save_model_atomic(loaded: LoadedModel, target: Path, replace: bool = False) -> None:
-    """save_pretrained (safetensors) into a temporary directory, then rename into place. An
-    existing ``target`` is replaced only as ``check_model_target`` allows."""
-    check_model_target(target, replace)
-    tmp = make_dir(target.parent, ".model-")
-    try:
-        loaded.model.save_pretrained(tmp)
-        loaded.tok.save_pretrained(tmp)
-        mark = {"written_by": "rrome", "model": loaded.model_id, "version": _version("rrome-cli")}
-        (tmp / CHECKPOINT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
-        publish(tmp)
-        if target.exists() or target.is_symlink():  # set the old one aside until the new is in
-            old = make_dir(target.parent, ".model-old-")
-            target.rename(old / target.name)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_run(out: Path) -> tuple[dict[str, Any], HParams, RunOptions]:

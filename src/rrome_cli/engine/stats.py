@@ -21,13 +21,12 @@ How the pass runs:
   local checkpoint's identity is the digest of its config and of its weight files' bytes
   (remembered by path, size and mtime), so one rewritten in place gets its own C.
 
-Run under torchrun with ``torchrun --nproc_per_node K -m rrome_cli.engine.stats --model M
---layer L`` (or ``torchrun --nproc_per_node K --no-python rrome stats ...``).
+Run under torchrun with ``torchrun --nproc_per_node K --no-python rrome stats --model M
+--layer L``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -61,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import capture_input, stop_after
 from rrome_cli.engine.positions import pad_id, right_padded
-from rrome_cli.files import save_safetensors_atomic
+from rrome_cli.files import cache_dir, save_safetensors_atomic
 from rrome_cli.models.families import (
     ModuleNames,
     get_module,
@@ -311,8 +310,6 @@ class _Digests:
 
     def __init__(self, stats_dir: Path | None) -> None:
         if stats_dir is None:
-            from rrome_cli.models.loading import cache_dir
-
             stats_dir = cache_dir() / "stats"
         self.path = Path(stats_dir) / DIGESTS_FILE
         self.changed = False
@@ -676,8 +673,6 @@ def second_moment(
     if batch_tokens < max_len:
         raise ValueError(f"batch_tokens ({batch_tokens}) must be at least max_len ({max_len})")
     if stats_dir is None:
-        from rrome_cli.models.loading import cache_dir
-
         stats_dir = cache_dir() / "stats"
     source = open_corpus(corpus)
     key = _key(model, names, layer, model_id, revision, source, tokens, max_len, Path(stats_dir))
@@ -742,18 +737,17 @@ def stats_command(
     devices: str | None = None,
     *,
     hparams: HParams | None = None,
-    progress: bool = True,
-    out: Path | None = None,
 ) -> SecondMoment:
-    """Load ``model`` and compute (or load) the statistics of ``layer``; under torchrun each
-    rank joins the process group and uses GPU LOCAL_RANK unless ``devices`` says otherwise.
+    """``rrome stats``: load ``model`` and compute (or load) the statistics of ``layer``; under
+    torchrun each rank joins the process group and uses GPU LOCAL_RANK unless ``devices`` says
+    otherwise.
 
     ``hparams`` supplies module names, ``mom2_n_samples`` (when ``tokens`` is None) and
-    ``stats_dir``; ``out`` also writes a copy of the result there (rank 0).
+    ``stats_dir``.
     """
     from rrome_cli.models.loading import load_model
 
-    with distributed_from_env() as (rank, world):
+    with distributed_from_env() as (_, world):
         if world > 1 and devices is None and torch.cuda.is_available():
             devices = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         if tokens is None and hparams is not None:
@@ -761,7 +755,7 @@ def stats_command(
         if stats_dir is None and hparams is not None and hparams.stats_dir:
             stats_dir = Path(hparams.stats_dir)
         loaded = load_model(model, dtype, devices, hparams)
-        result = second_moment_of(
+        return second_moment_of(
             loaded,
             layer,
             corpus=corpus,
@@ -769,11 +763,7 @@ def stats_command(
             max_len=max_len,
             batch_tokens=batch_tokens,
             stats_dir=stats_dir,
-            progress=progress,
         )
-        if out is not None and rank == 0:
-            save_safetensors_atomic(Path(out), {"mom2": result.mom2}, result.metadata)
-        return result
 
 
 def second_moment_of(loaded: LoadedModel, layer: int, **options: Any) -> SecondMoment:
@@ -787,41 +777,3 @@ def second_moment_of(loaded: LoadedModel, layer: int, **options: Any) -> SecondM
         revision=loaded.revision,
         **options,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m rrome_cli.engine.stats",
-        description="Second moment of an MLP's keys (works under torchrun --nproc_per_node K).",
-    )
-    parser.add_argument("--model", default=None, help="alias, path or hub id (default: embedded)")
-    parser.add_argument("--layer", type=int, required=True)
-    parser.add_argument("--corpus", default=None, help="text/jsonl/parquet file or hub dataset")
-    parser.add_argument("--tokens", type=int, default=None, help=f"default {DEFAULT_TOKENS}")
-    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
-    parser.add_argument("--stats-dir", type=Path, default=None)
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
-    parser.add_argument("--devices", default=None)
-    parser.add_argument("--out", type=Path, default=None, help="also write the result here")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = stats_command(
-        args.model,
-        args.layer,
-        args.corpus,
-        args.tokens,
-        args.max_len,
-        args.batch_tokens,
-        args.stats_dir,
-        args.dtype,
-        args.devices,
-        progress=not args.no_progress,
-        out=args.out,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{result.path}  ({result.tokens} tokens, C {tuple(result.mom2.shape)})")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,26 +1,22 @@
-"""The rank-one update: solve for the left vector, form delta W, apply it, revert it, save it.
+"""The rank-one update: solve for the left vector, form delta W, apply it, revert it.
 
 Everything here is fp32 on the edited module's device; only ``apply_update`` casts, once, to
 the weight's own dtype. W is handled as (d_out, d_in) whatever its storage layout
-(GPT-2's Conv1D stores (d_in, d_out)).
+(GPT-2's Conv1D stores (d_in, d_out)). Patch files: ``rrome_cli.patches``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from rrome_cli.files import save_safetensors_atomic
 from rrome_cli.models.families import weight_as_out_in
 
 
@@ -157,67 +153,6 @@ def revert_patch(model: nn.Module, patch: Patch) -> None:
     reverted from the saved W instead, bit for bit.)"""
     module = model.get_submodule(patch.module)
     apply_update(module, -patch.delta_w(module.weight.device))
-
-
-def save_patches(path: Path, patches: list[Patch], with_keys: bool = False) -> None:
-    """All patches in one safetensors file, written atomically; layout in the metadata.
-    ``with_keys`` also stores each patch's keys (what a resumed, protected run needs)."""
-    tensors, meta = {}, []
-    for i, p in enumerate(patches):
-        tensors[f"{i}.left"] = p.left.detach().float().cpu().contiguous()
-        tensors[f"{i}.right"] = p.right.detach().float().cpu().contiguous()
-        if with_keys and p.keys is not None:
-            tensors[f"{i}.keys"] = p.keys.detach().float().cpu().contiguous()
-        meta.append({"layer": p.layer, "module": p.module, "dtype": p.dtype, "request": p.request})
-    save_safetensors_atomic(path, tensors, {"rrome_patches": json.dumps(meta)})
-
-
-class PatchFileError(ValueError):
-    """A patches file that cannot be read or is not an rrome patches file; names the file."""
-
-
-def load_patches(path: Path) -> list[Patch]:
-    """The patches of a ``patches.safetensors`` that ``save_patches`` wrote, in its order."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("rrome_patches", "null"))
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, json.JSONDecodeError) as err:
-        raise PatchFileError(f"{path}: cannot read patches: {err}") from None
-    if not isinstance(meta, list):
-        raise PatchFileError(f"{path}: not an rrome patches file (no rrome_patches metadata)")
-    try:
-        return [
-            Patch(
-                m["layer"],
-                m["module"],
-                tensors[f"{i}.left"],
-                tensors[f"{i}.right"],
-                m["dtype"],
-                m.get("request", ""),
-                tensors.get(f"{i}.keys"),
-            )
-            for i, m in enumerate(meta)
-        ]
-    except (KeyError, TypeError) as err:
-        raise PatchFileError(f"{path}: patch layout is damaged (missing {err})") from None
-
-
-def check_patches_fit(model: nn.Module, patches: list[Patch], path: Path) -> None:
-    """Every patch names a module of ``model`` whose W has the patch's shape (patches made on
-    another model fail here, before anything is applied)."""
-    for i, patch in enumerate(patches, start=1):
-        which = f"{path}: patch {i} (request {patch.request or '?'}) edits {patch.module}"
-        try:
-            module = model.get_submodule(patch.module)
-        except AttributeError:
-            raise PatchFileError(f"{which}, which this model does not have") from None
-        shape = tuple(weight_as_out_in(module).shape)
-        if shape != (patch.right.numel(), patch.left.numel()):
-            made = (patch.right.numel(), patch.left.numel())
-            raise PatchFileError(f"{which}: made for W of {made}, this model's is {shape}")
 
 
 @contextmanager

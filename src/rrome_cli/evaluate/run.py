@@ -1,5 +1,6 @@
 """``rrome eval``: evaluate requests on a model as is, on a base model plus patches, or on a
-second model against the first. Writes the same report.jsonl / summary.json as ``rrome edit``.
+second model against the first. Writes the same report.jsonl / summary.json as ``rrome edit``,
+each record's status "evaluated": nothing is edited here.
 
 Protocol: "pre" is always ``--model`` as loaded; "post" is the patched model (``--patches``) or
 the ``--compare`` model, with locality measured against "pre".
@@ -7,17 +8,19 @@ the ``--compare`` model, with locality measured against "pre".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from rrome_cli.engine.update import apply_patch
 from rrome_cli.evaluate.html_report import write_html
 from rrome_cli.evaluate.metrics import evaluate_requests
-from rrome_cli.evaluate.summary import render_summary, summarise
+from rrome_cli.evaluate.summary import EVALUATED, render_summary, summarise
+from rrome_cli.files import new_run_dir, refuse_finished_run, write_json, write_jsonl
 from rrome_cli.lengths import check_length, max_positions
 from rrome_cli.models.loading import load_model
+from rrome_cli.patches import check_patches_fit, load_patches, warn_if_independent
 from rrome_cli.requests import EditRequest, read_requests, request_to_dict
 
 
@@ -39,9 +42,6 @@ class EvalOptions:
 
 
 def run_eval(opts: EvalOptions, console: Console) -> dict:
-    from rrome_cli.engine.update import apply_patch, check_patches_fit, load_patches
-    from rrome_cli.run import new_run_dir, refuse_finished_run, warn_if_independent, write_json
-
     refuse_finished_run(opts.out, resumable=False)  # its report and summary would be replaced
     requests: list[EditRequest] = list(
         read_requests(
@@ -83,14 +83,14 @@ def run_eval(opts: EvalOptions, console: Console) -> dict:
             "case_id": request.case_id,
             "source": request.source,
             "request": request_to_dict(request),
-            "status": "applied",
+            "status": EVALUATED,  # nothing was edited here
             "pre": pre[i][0],
         }
         if post is not None:
             record["post"] = post[i][0]
         records.append(record)
     out = new_run_dir(opts.out)
-    (out / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(out / "report.jsonl", records)
     summary = summarise(records)
     provenance = {
         "model": base.model_id,

