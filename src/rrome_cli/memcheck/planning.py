@@ -195,25 +195,11 @@ def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
     return _Model(model or DEFAULT_MODEL, config, meta, names, n_layers)
 
 
-def _plan(
-    m: _Model,
-    devices: list[torch.device],
-    max_memory: dict[int | str, int],
-    hparams: HParams,
-    geo: Geometry,
-    batch_tokens: int,
-    max_len: int,
-    given_map: dict[str, int | str] | None = None,
-) -> MemoryPlan:
-    """The plan for ``geo.jobs`` requests in flight together: traced for one and two, the
-    working set grows by ``BATCH_GROWTH`` times the second's increment per request beyond.
+def _grown(one: MemoryPlan, two: MemoryPlan, geo: Geometry) -> MemoryPlan:
+    """The plan for ``geo.jobs`` requests in flight together from the traced plans of one and
+    two: each request beyond the first adds ``BATCH_GROWTH`` times what the second added.
     (Tracing many packed requests on the meta device overstates them: on an H200 the
     measured growth per request was linear, 0.9-1.5x the traced increment of the second.)"""
-    args = (m, devices, max_memory, hparams)
-    if geo.jobs <= 2:
-        return _plan_traced(*args, geo, batch_tokens, max_len, given_map)
-    one = _plan_traced(*args, replace(geo, jobs=1), batch_tokens, max_len, given_map)
-    two = _plan_traced(*args, replace(geo, jobs=2), batch_tokens, max_len, given_map)
     more = (geo.jobs - 1) * BATCH_GROWTH
 
     def grown(a: int, b: int) -> int:
@@ -226,7 +212,7 @@ def _plan(
     return two
 
 
-def _plan_traced(
+def _plan(
     m: _Model,
     devices: list[torch.device],
     max_memory: dict[int | str, int],
@@ -236,6 +222,13 @@ def _plan_traced(
     max_len: int,
     given_map: dict[str, int | str] | None = None,
 ) -> MemoryPlan:
+    if geo.jobs > 2:  # traced for one and two requests, grown linearly beyond
+        one, two = (
+            _plan(m, devices, max_memory, hparams, replace(geo, jobs=jobs), batch_tokens,
+                  max_len, given_map)
+            for jobs in (1, 2)
+        )  # fmt: skip
+        return _grown(one, two, geo)
     targets = map_targets(devices, max_memory)
     if given_map:
         targets += [k for k in dict.fromkeys(given_map.values()) if k not in targets]
