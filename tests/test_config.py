@@ -137,7 +137,11 @@ def test_tiny_hparams_name_modules_of_the_fixture(path: Path) -> None:
         for name in (names.rewrite(layer), names.mlp(layer), names.layer(layer)):
             get_module(model, name)
     get_module(model, names.ln_f_module)
-    head = get_module(model, names.lm_head_module)
+    # The engine reads the head through get_output_embeddings(); the YAML names it as
+    # transformers 5 does (GPT-NeoX's was embed_out in 4.x).
+    head = model.get_output_embeddings()
     assert head.weight.shape[0] == model.config.vocab_size  # the output head, not a hidden layer
+    if dict(model.named_modules()).get(names.lm_head_module) is not None:
+        assert get_module(model, names.lm_head_module) is head
     assert (hp.v_num_grad_steps, hp.context_template_length_params) == (10, [[3, 2]])
     assert (hp.mom2_adjustment, hp.mom2_n_samples) == (False, 2000)
