@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
@@ -78,8 +79,13 @@ def parse_devices(spec: str | None) -> list[torch.device]:
 
 
 def embedded_model_dir() -> Path:
-    """The safetensors copy of the embedded SmolLM2, converted from its GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    """The safetensors copy of the embedded SmolLM2, converted from its GGUF on first use.
+
+    One copy per transformers release: a config.json is read as the release that wrote it
+    meant only by releases of the same format (a copy written by 5.x, ``rope_parameters``,
+    loads on 4.x with the default rope_theta, silently another model)."""
+    release = f"transformers-{transformers.__version__}"
+    target = cache_dir() / "models" / "smollm2-135m-instruct" / release
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -94,7 +100,8 @@ def embedded_model_dir() -> Path:
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights
     # are already dequantized, so move them into a plain model of the same config.
     config = gguf.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # transformers 4.x sets none
+        del config.quantization_config
     config.architectures = [type(gguf).__name__]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
