@@ -8,7 +8,7 @@ TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 
 # The oldest transformers rrome supports (pyproject's floor), tested in a venv of its own; the
 # newest is what `make setup` installs into .venv.
-OLDEST_TRANSFORMERS := 4.57.6
+OLDEST_TRANSFORMERS := 4.56.2
 COMPAT  := .venv-compat
 
 .PHONY: setup demo test test-fast test-compat lint bench bench-quick bench-easyedit clean

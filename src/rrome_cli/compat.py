@@ -1,4 +1,4 @@
-"""Feature checks for the transformers (and torch) releases rrome supports: 4.57 through 5.x.
+"""Feature checks for the transformers (and torch) releases rrome supports: 4.56 through 5.x.
 
 Each check asks the installed library what it can do (a keyword in a signature, an attribute,
 a probe call) instead of comparing version strings, so a release that renames or drops a
@@ -6,12 +6,19 @@ feature is met by the same code path as the releases that already differ that wa
 engine calls these, never ``transformers.__version__``.
 
 What differs across the supported releases:
-- the keyword under which a model's ``forward`` takes a KV cache: ``past_key_values`` (4.57
+- the keyword under which a model's ``forward`` takes a KV cache: ``past_key_values`` (4.56
   to the early 5.x), ``cache`` (later 5.x);
 - whether transformers' SDPA path honours ``TRANSFORMERS_SDPA_FORCE_GQA`` (later 5.x only):
   without it grouped-query attention copies the key/value heads (same result, slower);
 - whether ``torch.autocast`` may be entered for the meta device, which 4.x rotary embeddings
   do (memcheck's dry run on meta tensors).
+
+Differences met where they arise, by what the library returns: decoder blocks return a tuple
+(4.x) or the tensor (5.x), which ``engine.hooks.blocks_replaced`` copies from what it saw; the
+output head is read through ``get_output_embeddings()`` (GPT-NeoX's is ``embed_out`` on 4.x).
+The embedded SmolLM2's tokenizer is built from the GGUF's metadata, not by the release's GGUF
+conversion, and its converted copy is kept per release (``models.loading``): a cache, keyed by
+the release that wrote its config.json, which releases of another format read differently.
 """
 
 from __future__ import annotations
