@@ -222,6 +222,7 @@ def test_the_embedded_tokenizer_is_the_gguf_s_on_every_release() -> None:
     ids = tok(text)["input_ids"]
     assert ids == [504, 3379, 10663, 282, 10789, 290, 9117, 3153, 4808, 314, 2321]
     assert tok.decode(ids) == text
+    assert set(tok(text)) == {"input_ids", "attention_mask"}  # what generate(**encoded) takes
     digits = [788, 216, 33, 41, 40, 39, 28, 37366, 216, 2]  # a token a digit
     assert tok("In 1987, café <|im_end|>")["input_ids"] == digits
     specials = (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token)

@@ -129,7 +129,7 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     transformers' own GGUF conversion differs between releases: 4.57 adds a BOS the file says
     not to add and takes <|im_start|> for EOS, 5.5 maps most words to <unk>. This one is what
     transformers 5.25 builds, on every release: the file's vocabulary and merges, GPT-2's
-    byte-level split, its control tokens special, no BOS.
+    byte-level split, its control tokens special, no BOS, no token_type_ids.
     """
     from gguf import GGUFReader
 
@@ -154,6 +154,7 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
         eos_token=tokens[meta("tokenizer.ggml.eos_token_id")],
         unk_token=tokens[meta("tokenizer.ggml.unknown_token_id")],
         pad_token=tokens[meta("tokenizer.ggml.padding_token_id")],
+        model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids
     )
     if "tokenizer.chat_template" in fields:
         tok.chat_template = meta("tokenizer.chat_template")
