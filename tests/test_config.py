@@ -185,5 +185,7 @@ def test_tiny_hparams_name_modules_of_the_fixture(path: Path) -> None:
     for layer in hp.layers:
         for name in (names.rewrite(layer), names.mlp(layer), names.layer(layer)):
             get_module(model, name)
+    head = model.get_output_embeddings()  # the engine reads the head through it
+    assert head.weight.shape[0] == model.config.vocab_size  # the output head, not a hidden layer
     assert (hp.v_num_grad_steps, hp.context_template_length_params) == (10, [[3, 2]])
     assert (hp.mom2_adjustment, hp.mom2_n_samples) == (False, 2000)

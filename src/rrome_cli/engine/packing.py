@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from rrome_cli.compat import cache_kwargs, reuses_prefix_cache
 from rrome_cli.engine.hooks import (
     blocks_replaced,
     capture_input,
@@ -130,6 +131,8 @@ class PackedPass:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.kv_in_place = weights_on_cpu(model)
+        if not reuses_prefix_cache(self.base):  # then every row runs whole, nothing cached
+            rows = [replace(r, split=0) for r in rows]
         layout = _lay_out(rows)
         self.shape, self.start = layout.ids.shape, layout.start
         device, dtype = input_device(model), model.dtype
@@ -163,8 +166,7 @@ class PackedPass:
             self.base(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                cache=batch,
-                use_cache=True,
+                **cache_kwargs(self.base, batch),
             )
         cache = DynamicCache()
         for i, layer in enumerate(batch.layers):
@@ -210,8 +212,7 @@ class PackedPass:
             input_ids=self.ids,
             attention_mask=self.mask,
             position_ids=self.positions,
-            cache=self.cache,
-            use_cache=True,
+            **cache_kwargs(self.base, self.cache),
         )
         for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv, strict=True):
             layer.keys, layer.values = keys, values  # drop this pass's; reuse the prefix

