@@ -28,6 +28,7 @@ from torch import nn
 
 from rrome_cli import compat
 from rrome_cli.config import HParams, load_hparams, shipped_hparams
+from rrome_cli.engine import packing
 from rrome_cli.engine import values as values_module
 from rrome_cli.engine.edit import edit
 from rrome_cli.engine.keys import templated
@@ -185,21 +186,20 @@ def test_without_prefix_cache_prompts_run_whole_for_the_same_delta(
     prompts = [templated(tok, REQUEST, t) for t in TEMPLATES]
 
     def delta() -> torch.Tensor:
-        layer = hp.layers[0]
-        args = (model, tok, names, layer, prompts, REQUEST.target_new, REQUEST.subject, hp)
-        return values_module.optimise_delta(*args).delta
+        spec = values_module.ValueSpec(prompts, REQUEST.target_new, REQUEST.subject)
+        return values_module.optimise_delta(model, tok, names, hp.layers[0], hp, spec).delta
 
     cached = delta()
     monkeypatch.setattr(compat, "_CACHE_LAYERS", False)
     monkeypatch.setattr(compat, "_warned", set())
     passes: list[int] = []
-    real_lay_out = values_module._lay_out
+    real_lay_out = packing._lay_out
 
-    def lay_out(rows: list[values_module.Row]) -> Any:
+    def lay_out(rows: list[packing.Row]) -> Any:
         passes.append(sum(r.split for r in rows))
         return real_lay_out(rows)
 
-    monkeypatch.setattr(values_module, "_lay_out", lay_out)
+    monkeypatch.setattr(packing, "_lay_out", lay_out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         whole = delta()
