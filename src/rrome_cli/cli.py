@@ -391,8 +391,9 @@ def edit_cmd(
     guarded(body)
 
 
-# --batch auto on the CPU: 1 until the bench's throughput section measures SmolLM2 there (on
-# tiny-llama a batch of 4 was slower than 1; on an H200 batches win 6-19x: docs/results.md)
+# --batch auto on the CPU: 1. On 2 CPU cores SmolLM2's batches of 2-16 ran within 5% of one at
+# a time (one request's value pass already keeps the cores busy; make bench's throughput
+# section, docs/results.md); on an H200 batches win 9-16x.
 CPU_BATCH = 1
 
 
