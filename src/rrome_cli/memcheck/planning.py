@@ -48,6 +48,9 @@ CUDA_RESERVE = GiB // 2
 # Each request in flight beyond the first adds this many times what the second adds in a
 # trace (docs/results.md: measured on an H200, 1.52x for SmolLM2, 0.88x for Llama-2-7B).
 BATCH_GROWTH = 1.6
+# The statistics pass's defaults (rrome stats --batch-tokens, --max-len)
+BATCH_TOKENS = 4096
+MAX_LEN = 512
 
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -327,15 +330,14 @@ def largest_batch(
     cap: int = 64,
 ) -> int:
     """The most requests in flight together (``rrome edit --batch``, at most ``cap``) whose
-    plan fits: each count is planned as it runs (the value step of that many requests packed
-    together, their key pass, the evaluation beside the rest in flight); 1 when none does."""
+    plan fits (``plan`` with ``jobs``: the value step and key pass of that many requests);
+    1 when none does. The model is built once for the search, and no fix is sought."""
+    built, targets, limits = _setup(model, dtype, devices, max_memory, hparams)
+    geo = estimate_geometry(hparams, None, phrasings, shape)
 
     def fits(jobs: int) -> bool:
-        memory_plan = plan(
-            model, dtype, devices, max_memory, hparams, phrasings=phrasings, shape=shape,
-            jobs=jobs,
-        )  # fmt: skip
-        return memory_plan.fits
+        at = replace(geo, jobs=jobs)
+        return _plan(built, targets, limits, hparams, at, BATCH_TOKENS, MAX_LEN).fits
 
     low, high = 1, 2  # fits(low); is high too many?
     while high <= cap and fits(high):
@@ -353,8 +355,8 @@ def plan(
     devices: str | None,
     max_memory: dict[int | str, int | str] | None,
     hparams: HParams,
-    batch_tokens: int = 4096,
-    max_len: int = 512,
+    batch_tokens: int = BATCH_TOKENS,
+    max_len: int = MAX_LEN,
     n_templates: int | None = None,
     *,
     phrasings: int = 0,
@@ -374,18 +376,11 @@ def plan(
     ``geometry``: the request's exact batch shapes (``geometry_for``) instead of a typical
     request's (``estimate_geometry`` with ``n_templates``, for a request of ``shape``: the
     longest of a run's, ``longest_shape``), ``jobs`` of them in flight together (``--batch``).
-    ``device_map``: evaluate this
-    accelerate map instead of the one rrome would infer (its targets need sizes too).
+    ``device_map``: evaluate this accelerate map instead of the one rrome would infer (its
+    targets need sizes too).
     """
-    limits = memory_limits(max_memory)
-    targets = planned_devices(devices, limits)
-    config = load_config(model)
-    try:
-        torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
-    except KeyError:
-        raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
+    built, targets, limits = _setup(model, dtype, devices, max_memory, hparams)
     geo = replace(geometry or estimate_geometry(hparams, n_templates, phrasings, shape), jobs=jobs)
-    built = _model(model, torch_dtype, hparams)
     result = _plan(built, targets, limits, hparams, geo, batch_tokens, max_len, device_map)
     if not result.fits:
         result.fix = _cheapest_fix(
@@ -393,6 +388,25 @@ def plan(
             shape,
         )  # fmt: skip
     return result
+
+
+def _setup(
+    model: str | None,
+    dtype: str | None,
+    devices: str | None,
+    max_memory: dict[int | str, int | str] | None,
+    hparams: HParams,
+) -> tuple[_Model, list[torch.device], dict[int | str, int]]:
+    """The model on the meta device in the dtype it will run in, the devices and their
+    limits in bytes: what every plan of one command shares."""
+    limits = memory_limits(max_memory)
+    targets = planned_devices(devices, limits)
+    config = load_config(model)
+    try:
+        torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
+    except KeyError:
+        raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
+    return _model(model, torch_dtype, hparams), targets, limits
 
 
 def _cheapest_fix(
