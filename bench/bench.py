@@ -312,15 +312,23 @@ def sections(
 ) -> dict[str, Section]:
     """Every measurement of the bench, by name, in the order they run; none runs here.
     ``model`` loads the model when a section first needs it (``--table`` never does)."""
-    n_speed, n_quality, n_seq, stats_tokens = (3, 2, 4, 5_000) if quick else (20, 200, 300, 20_000)
+    n_speed, n_quality, n_seq, stats_tokens = (3, 2, 4, 5_000) if quick else (20, 200, 1000, 20_000)
     cf = SHARED / "counterfact" / "counterfact-edit.json"
     zsre = SHARED / "zsre" / "zsre_mend_train-1k.json"
     data = work / "requests"
     data.mkdir(parents=True, exist_ok=True)
     speed_reqs = list(read_requests(requests_file(cf, "counterfact", 1000, n_speed, data)))
-    paths = {
+    paths = {  # the records the recipe was tuned on
         "counterfact": requests_file(cf, "counterfact", 0, n_quality, data),
         "zsre": requests_file(zsre, "zsre", 0, n_quality, data),
+    }
+    held_out = {  # records no recipe choice ever saw (issue 35): the shipped recipe only
+        f"counterfact {HELD_OUT['counterfact']}-{HELD_OUT['counterfact'] + n_quality - 1}": (
+            requests_file(cf, "counterfact", HELD_OUT["counterfact"], n_quality, data)
+        ),
+        f"zsre {HELD_OUT['zsre']}-{HELD_OUT['zsre'] + n_quality - 1}": (
+            requests_file(zsre, "zsre", HELD_OUT["zsre"], n_quality, data)
+        ),
     }
     variants = {
         "r-rome + C": hp,
@@ -342,6 +350,11 @@ def sections(
             todo[f"quality: {key}"] = later(
                 quality, h, path, work / _slug(key), labelled=dataset == "counterfact"
             )
+    for dataset, path in held_out.items():
+        key = f"r-rome + C | {dataset}"
+        todo[f"quality: {key}"] = later(
+            quality, hp, path, work / _slug(key), labelled=dataset.startswith("counterfact")
+        )
     key = "r-rome + C, --phrasings | counterfact"
     todo[f"quality: {key}"] = later(
         quality,
@@ -357,6 +370,11 @@ def sections(
     seq_path = requests_file(cf, "counterfact", 0, n_seq, data)
     todo["sequential"] = later(sequential, hp, seq_path, work / "sequential", n_seq)
     return todo
+
+
+# where the held-out records start: CounterFact's first 2,000 and zsRE's first 200 records are
+# where every recipe choice was measured
+HELD_OUT = {"counterfact": 2000, "zsre": 200}
 
 
 def cpu_model() -> str:
@@ -609,10 +627,16 @@ def _sequential_rows(t: Table, q: dict) -> None:
         f"sequential: retrospective rewrite, first {q['retro_first_n']}",
         f"{q['retro_rewrite_first']:.3f}",
     )
+    for metric in ("rewrite_acc", "rephrase_acc", "locality"):
+        t.add_row(
+            f"sequential: retrospective {metric}, all {q['n_records']}",
+            _cell(q.get("retrospective", {}).get(metric), " "),
+        )
     curve = q["entropy_curve"]
+    lowest = min((e for _, e in curve), default=None)
     t.add_row(
-        "sequential: probe entropy base -> last",
-        f"{q['baseline_entropy']:.3f} -> {curve[-1][1]:.3f}" if curve else "-",
+        "sequential: probe entropy base -> last (lowest)",
+        f"{q['baseline_entropy']:.3f} -> {curve[-1][1]:.3f} ({lowest:.3f})" if curve else "-",
     )
     t.add_row("sequential: collapsed", str(q.get("collapsed")))
 

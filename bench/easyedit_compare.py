@@ -11,7 +11,11 @@ record to record so that a drifting machine slows each arm alike:
   (25 steps, lr 0.5, C = I, stop at a total loss of 0.05), fp32;
 - ``rrome-same``: rrome with those same values (EasyEdit's YAML loads unchanged);
 - ``rrome``: rrome with the shipped SmolLM2 recipe (hparams/smollm2-135m.yaml; ``--hparams``
-  names another, to measure a candidate recipe the same way).
+  names another, to measure a candidate recipe the same way);
+- ``rrome --batch N`` (``--batch``, default 4, the best batch on a 2-core CPU; 0 leaves it out):
+  the shipped recipe over all the records with N in flight together, after the three arms above.
+  Its time per edit is the whole pass over the records divided by their number (a batched edit
+  has no time of its own); each edit is then applied, scored and reverted like the others.
 
 Each edit is timed from request to applied weights (keys, value optimisation, solve, apply; no
 evaluation), then scored with rrome's own metrics against the unedited model, then reverted.
@@ -40,7 +44,8 @@ import torch
 
 from bench import edit_inputs  # bench/bench.py, beside this script
 from rrome_cli.config import from_dict, load_hparams
-from rrome_cli.engine.edit import edit
+from rrome_cli.engine.edit import edit, edit_independent
+from rrome_cli.engine.update import apply_patch, restore_weight
 from rrome_cli.evaluate.metrics import evaluate_request
 from rrome_cli.models.loading import LoadedModel, load_model
 from rrome_cli.requests import EditRequest, read_requests
@@ -163,6 +168,33 @@ def compare(loaded: LoadedModel, arms: dict[str, Arm], requests: list[EditReques
     return rows
 
 
+def batched(
+    loaded: LoadedModel, raw: dict[str, Any], requests: list[EditRequest], batch: int
+) -> tuple[float, list[dict]]:
+    """Seconds per edit of rrome's batched pass over ``requests`` and each edit's metrics (its
+    patch applied alone, scored against the unedited model, reverted)."""
+    hp = from_dict(raw)
+    covariances, templates = edit_inputs(loaded, hp)
+    model, tok = loaded.model, loaded.tok
+    start = time.perf_counter()
+    results = dict(  # by request identity: a batch finishes out of order
+        (id(request), result)
+        for request, result in edit_independent(
+            model, tok, requests, hp, loaded.names, covariances, templates, batch=batch
+        )
+    )
+    per_edit = (time.perf_counter() - start) / len(requests)
+    scores = []
+    for request in requests:
+        _, reference = evaluate_request(model, tok, request)
+        originals = [(p.module, apply_patch(model, p)) for p in results[id(request)].patches]
+        post, _ = evaluate_request(model, tok, request, reference)
+        for module, original in reversed(originals):
+            restore_weight(model.get_submodule(module), original)
+        scores.append(_metrics(post))
+    return per_edit, scores
+
+
 def _metrics(scores: dict[str, float]) -> dict[str, float]:
     return {m: scores[m] for m in METRICS if m in scores}
 
@@ -193,6 +225,7 @@ def main() -> None:
     parser.add_argument(
         "--hparams", type=Path, default=ROOT / "hparams" / "smollm2-135m.yaml", help="rrome arm"
     )
+    parser.add_argument("--batch", type=int, default=4, help="rrome --batch arm (0: none)")
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(None, "fp32", None)
@@ -204,6 +237,15 @@ def main() -> None:
         "rrome": rrome_arm(loaded, shipped),
     }
     rows = compare(loaded, arms, requests)
+    summary = summarise(rows, list(arms))
+    if args.batch:
+        per_edit, scores = batched(loaded, shipped, requests, args.batch)
+        base = summary["easyedit"]
+        summary[f"rrome --batch {args.batch}"] = {
+            "seconds_per_edit": round(per_edit, 2),
+            "speedup_median": round(base["seconds_median"] / per_edit, 2),
+            "speedup_mean": round(base["seconds_mean"] / per_edit, 2),
+        } | {m: round(statistics.mean(s[m] for s in scores), 3) for m in METRICS}
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -212,7 +254,7 @@ def main() -> None:
         "easyedit_commit": easyedit_commit(args.easyedit),
         "easyedit_values": EASYEDIT_VALUES,
         "rrome_hparams": str(args.hparams),
-        "summary": summarise(rows, list(arms)),
+        "summary": summary,
         "records": rows,
     }
     out = args.out or ROOT / "bench" / "results" / f"{result['date']}-easyedit.json"

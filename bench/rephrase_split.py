@@ -6,11 +6,12 @@ In the EasyEdit CounterFact file, a ``rephrase_prompt`` is not always a paraphra
 his mother tongue to "English"), where the edited target is not a fitting answer at all.
 ``bench/counterfact-rephrase-labels.json`` holds a hand label per record by two readers, the
 second blind to the first (their ``how`` fields say how they were made; they agree on 185 of
-200, kappa 0.85); this script reads a run's ``report.jsonl`` (or rows with a top-level
-``rephrase_acc``, as ``docs/experiments/rephrase_ceiling.py`` writes) and prints the rephrase
-mean with 95% bootstrap intervals on each side of the label. When the edits were optimised on
-relation phrasings, a rephrased prompt may hold one of them ("[other text]. Danielle Darrieux is
-a native speaker of"): those records are split out too, as the edit saw that wording.
+200, kappa 0.85; on the held-out records 2000-2199, 200 of 200); this script reads a run's
+``report.jsonl`` (or rows with a top-level ``rephrase_acc``, as
+``docs/experiments/rephrase_ceiling.py`` writes) and prints the rephrase mean with 95% bootstrap
+intervals on each side of the label. When the edits were optimised on relation phrasings, a
+rephrased prompt may hold one of them ("[other text]. Danielle Darrieux is a native speaker
+of"): those records are split out too, as the edit saw that wording.
 
     python bench/rephrase_split.py runs/sweep/cf200-lr1/run/report.jsonl [--phase post]
 """

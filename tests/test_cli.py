@@ -362,6 +362,8 @@ def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
     assert cumulative[0] > 0 and cumulative[-1] > cumulative[0]
     assert len((out / "retrospective.jsonl").read_text().splitlines()) == 3
     assert (out / "model" / "model.safetensors").exists()
+    page = (out / "report.html").read_text()
+    assert "final model (retrospective) by edit" in page
 
 
 def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:

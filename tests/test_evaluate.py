@@ -35,6 +35,7 @@ from rrome_cli.evaluate import (
     write_html,
 )
 from rrome_cli.evaluate.fluency import text_n_gram_entropy, words
+from rrome_cli.evaluate.html_report import running_mean
 from rrome_cli.evaluate.metrics import locality_agreement
 from rrome_cli.evaluate.tokens import encode_pair, special_prefix
 from rrome_cli.models.tiny import tiny_tokenizer
@@ -471,9 +472,30 @@ def test_html_report_is_self_contained_and_holds_the_data(tmp_path):
         "pre rewrite_acc [0.2, 0.3): 2",
     ):
         assert title in parser.titles
+    retro = [
+        {"index": i, "retro": {"rewrite_acc": v, "locality": 1.0}} for i, v in enumerate([0.0, 1.0])
+    ]
+    with_retro = tmp_path / "retro.html"
+    write_html(with_retro, summarise(RECORDS, n_boot=100), RECORDS, provenance, retro)
+    parser = PageParser()
+    parser.feed(with_retro.read_text(encoding="utf-8"))
+    assert parser.tags.count("svg") == 4 + 4
+    assert "final model (retrospective) by edit" in parser.titles
+    assert "rewrite_acc at edit 1: 1" in parser.titles and "locality at edit 0: 1" in parser.titles
     independent = tmp_path / "independent.html"
     write_html(independent, summarise(RECORDS, n_boot=100), RECORDS, {"protocol": "independent"})
     assert independent.read_text().count("<svg") == 4
+
+
+def test_running_mean_averages_the_last_window_points():
+    series = {"rewrite_acc": [(0.0, 1.0), (1.0, 0.0), (2.0, 0.0), (3.0, 1.0)]}
+    assert running_mean(series, 2)["rewrite_acc"] == [
+        (0.0, 1.0),
+        (1.0, 0.5),
+        (2.0, 0.0),
+        (3.0, 0.5),
+    ]
+    assert running_mean(series, 1) == series
 
 
 # ---- real tiny models: padding side, batching, generation ----------------------------------

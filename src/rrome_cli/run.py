@@ -442,7 +442,7 @@ def run_edits(
     after_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run a batch; returns the run directory and the summary."""
-    from rrome_cli.evaluate import render_summary, summarise
+    from rrome_cli.evaluate import render_summary, summarise, write_html
 
     if not resume:
         refuse_finished_run(opts.out)
@@ -519,12 +519,14 @@ def run_edits(
     summary["failed_internal"] = state.failed
     if opts.sequential:
         summary |= sequential_summary(state, records, console)
+    retro: list[dict[str, Any]] = []
     if opts.sequential and opts.retrospective:
         retro = retrospective(state, requests, records)
         write_jsonl(out / "retrospective.jsonl", retro)
         retro_summary = summarise([{"status": r["status"], "post": r["retro"]} for r in retro])
         summary["retrospective"] = retro_summary["metrics"]["post"]
     write_json(out / "summary.json", summary)
+    write_html(out / "report.html", summary, records, summary["provenance"], retro)
     if opts.save_model:
         save_model_atomic(loaded, out / "model")
     render_summary(summary, summary["provenance"], console)

@@ -1,7 +1,8 @@
 """A self-contained HTML report: one file, inline SVG plots and CSS, no scripts, no network.
 
 Sections: provenance, the summary table, a histogram per metric (pre and post side by side) and,
-for sequential runs, metrics, update norms and probe entropy against the number of edits. Every
+for sequential runs, metrics right after each edit and on the final model (retrospective), update
+norms and probe entropy against the number of edits. Every
 bar and point carries a ``<title>`` with its value, shown as a tooltip by browsers.
 """
 
@@ -173,13 +174,44 @@ def _series(
     return out
 
 
-def _sequential(records: Sequence[Mapping[str, Any]]) -> list[str]:
+def running_mean(
+    series: Mapping[str, Sequence[tuple[float, float]]], window: int
+) -> dict[str, list[tuple[float, float]]]:
+    """Each point replaced by the mean of the ``window`` points ending at it: a per-edit metric
+    is 0 or 1 on most edits, so its trend over a long run only shows averaged."""
+    out = {}
+    for name, points in series.items():
+        ys = [y for _, y in points]
+        out[name] = [
+            (x, sum(ys[max(0, i + 1 - window) : i + 1]) / min(window, i + 1))
+            for i, (x, _) in enumerate(points)
+        ]
+    return out
+
+
+def _unit_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (metrics or {}).items() if k in UNIT_RANGE}
+
+
+def _sequential(
+    records: Sequence[Mapping[str, Any]], retrospective: Sequence[Mapping[str, Any]] = ()
+) -> list[str]:
     indexed = sorted((r for r in records if "index" in r), key=lambda r: r["index"])
-    charts = [
+    window = max(1, len(indexed) // 20)
+    averaged = f", mean of the last {window}" if window > 1 else ""
+    plots = []
+    for title, rows, pick in (
+        (f"post-edit metrics against edits{averaged}", indexed, lambda r: r.get("post")),
         (
-            "post-edit metrics against edits",
-            lambda r: {k: v for k, v in (r.get("post") or {}).items() if k in UNIT_RANGE},
+            f"final model (retrospective) by edit{averaged}",
+            sorted(retrospective, key=lambda r: r["index"]),
+            lambda r: r.get("retro"),
         ),
+    ):
+        series = _series(rows, lambda r, pick=pick: _unit_metrics(pick(r)))
+        if series:
+            plots.append(line_svg(title, running_mean(series, window)))
+    charts = [
         (
             "update norms against edits",
             lambda r: {
@@ -190,7 +222,6 @@ def _sequential(records: Sequence[Mapping[str, Any]]) -> list[str]:
         ),
         ("probe entropy against edits", lambda r: {"probe_entropy": r.get("probe_entropy")}),
     ]
-    plots = []
     for title, pick in charts:
         series = _series(indexed, pick)
         if series:
@@ -199,9 +230,13 @@ def _sequential(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def render_html(
-    summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]
+    summary: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    provenance: Mapping[str, Any],
+    retrospective: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The report page as a string."""
+    """The report page as a string; ``retrospective``: a sequential run's rows of
+    ``retrospective.jsonl`` (each request on the final model)."""
     keys = [k for k in PROVENANCE_KEYS if k in provenance]
     keys += sorted(k for k in provenance if k not in PROVENANCE_KEYS)
     header = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(provenance[k])}</td></tr>" for k in keys)
@@ -220,7 +255,7 @@ def render_html(
         body += [
             "<h2>Sequential editing</h2>",
             '<div class="plots">',
-            *_sequential(records),
+            *_sequential(records, retrospective),
             "</div>",
         ]
     return "\n".join(
@@ -241,6 +276,13 @@ def render_html(
     )
 
 
-def write_html(path: str | Path, summary: dict, records: list[dict], provenance: dict) -> None:
+def write_html(
+    path: str | Path,
+    summary: dict,
+    records: list[dict],
+    provenance: dict,
+    retrospective: Sequence[Mapping[str, Any]] = (),
+) -> None:
     """Write the report page to ``path``."""
-    Path(path).write_text(render_html(summary, records, provenance), encoding="utf-8")
+    page = render_html(summary, records, provenance, retrospective)
+    Path(path).write_text(page, encoding="utf-8")
