@@ -281,6 +281,7 @@ def test_torchrun_ranks_split_the_run_and_rank_0_merges_it(tmp_path: Path) -> No
         own = records(tmp_path / "dist" / "ranks" / str(rank))
         assert [r["index"] for r in own] == list(range(rank, 7, 2))
     assert_same_run(tmp_path / "dist", single)
+    assert "7 requests: 7 applied" in (tmp_path / "dist" / "report.html").read_text()
 
     # rank 1 killed after its first edit: its report keeps one line, the merge is not made
     cut = tmp_path / "dist" / "ranks" / "1" / "report.jsonl"

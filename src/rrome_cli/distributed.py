@@ -5,8 +5,8 @@ Each rank edits the requests whose index % K is its rank, as a run of its own un
 a single run), with the context templates rank 0 made and the key statistics all ranks share
 (computed once, split across the ranks as ``rrome stats`` does, or read from the cache). When
 every rank is done, rank 0 merges their runs into ``OUT/report.jsonl`` (request order),
-``OUT/patches.safetensors`` and ``OUT/summary.json``. A killed rank's run resumes with
-``--resume OUT`` under the same torchrun command, and the merge is made again.
+``OUT/patches.safetensors``, ``OUT/summary.json`` and ``OUT/report.html``. A killed rank's run
+resumes with ``--resume OUT`` under the same torchrun command, and the merge is made again.
 
 The ranks exchange nothing but barriers, so the process group is gloo's (on CPU and GPU alike);
 with several nodes, OUT and the statistics cache must be on a file system every node sees.
@@ -26,7 +26,7 @@ from rich.console import Console
 
 from rrome_cli.config import HParams
 from rrome_cli.engine.update import Patch
-from rrome_cli.evaluate import render_summary, summarise
+from rrome_cli.evaluate import render_summary, summarise, write_html
 from rrome_cli.files import done_records, write_json, write_jsonl
 from rrome_cli.models.loading import LoadedModel
 from rrome_cli.patches import load_patches, save_patches
@@ -107,4 +107,5 @@ def merge_ranks(out: Path, ranks: int, hp: HParams) -> dict[str, Any]:
     summary = summarise(records) | {"provenance": provenance, "ranks": ranks}
     summary["failed_internal"] = failed
     write_json(out / "summary.json", summary)
+    write_html(out / "report.html", summary, records, provenance)
     return summary
