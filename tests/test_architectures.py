@@ -232,6 +232,32 @@ def tiny_from(path: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("name", ["cohere", "falcon", "gemma3-text", "granite", "olmo2"])
+def test_cli_edits_a_checkpoint_of_an_architecture_outside_the_table(
+    name: str, tmp_path: Path
+) -> None:
+    """``rrome edit --model DIR``, no hparams file: memcheck, the key statistics and the edit
+    run on what the structure found, with the default recipe at the depth rule's layer."""
+    model, tok = build(name)
+    assert type(model).__name__ not in FAMILIES
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sample = Path(__file__).resolve().parents[1] / "data" / "counterfact-sample.jsonl"
+    out = tmp_path / "run"
+    args = ["--model", str(tmp_path / "model"), "--limit", "1", "--out", str(out)]
+    result = runner.invoke(app, ["edit", str(sample), *args, "--stats-dir", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["modules"]["found_by"] == "structure"
+    assert run["modules"]["rewrite"] == find_structure(model).names.rewrite_module_tmp
+    assert run["hparams"]["layers"] == [1] and "layer 1 of 3" in run["hparams_from"]
+    assert run["covariance_from"]  # the key statistics were computed at W's input
+    (record,) = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert record["status"] == "applied", record
+    plan = runner.invoke(app, ["memcheck", "--model", str(tmp_path / "model"), "--json"])
+    assert plan.exit_code == 0, plan.output
+
+
 # what each refusal names: the block, and what was found there
 REFUSALS = {
     "mixtral": ("model.layers.0", "experts"),
@@ -334,3 +360,29 @@ def test_default_layer_rule(n_layers: int, layer: int) -> None:
     chosen, why = default_layer(n_layers)
     assert chosen == layer
     assert f"layer {layer} of {n_layers}" in why
+
+
+@pytest.mark.slow
+def test_smollm2_without_its_alias_gets_the_default_recipe(tmp_path: Path) -> None:
+    """The embedded SmolLM2 copied to a folder of its own: no alias, no hparams file. The
+    default recipe at the depth rule's layer (5 of 30) edits it, and run.json says why."""
+    import shutil
+
+    from rrome_cli.models.loading import embedded_model_dir
+
+    copy = tmp_path / "my-model"
+    shutil.copytree(embedded_model_dir(), copy)
+    sample = Path(__file__).resolve().parents[1] / "data" / "counterfact-sample.jsonl"
+    out = tmp_path / "run"
+    args = ["edit", str(sample), "--model", str(copy), "--limit", "2", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--stats-dir", str(tmp_path / "stats")])
+    assert result.exit_code == 0, result.output
+    assert "layer 5 of 30: a sixth of the depth" in " ".join(result.output.split())
+    run = json.loads((out / "run.json").read_text())
+    assert run["hparams"]["layers"] == [5] and run["hparams"]["v_stop"] == "target"
+    assert "layer 5 of 30" in run["hparams_from"]
+    assert run["modules"]["rewrite"] == "model.layers.{}.mlp.down_proj"
+    assert run["modules"]["final_norm"] == "model.norm" and run["modules"]["tied_embeddings"]
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["applied"] * 2
+    assert all(r["post"]["rewrite_acc"] == 1.0 for r in records), [r["post"] for r in records]

@@ -29,7 +29,7 @@ from rrome_cli.engine.hooks import (
     shared_kv_heads,
     weights_on_cpu,
 )
-from rrome_cli.models.families import input_device
+from rrome_cli.models.families import base_of, input_device
 from rrome_cli.models.head import head_logits
 
 
@@ -128,7 +128,7 @@ class PackedPass:
     ) -> None:
         self.model, self.blocks_below = model, blocks_below or []
         self.below_out: torch.Tensor | None = None  # (lines, width, d) once the first pass ran
-        self.base = model.base_model
+        self.base = base_of(model)
         self.kv_in_place = weights_on_cpu(model)
         _check_window(model, rows)
         if not reuses_prefix_cache(self.base):  # then every row runs whole, nothing cached

@@ -106,6 +106,23 @@ def num_layers(config: Any) -> int:
     raise UnknownArchitectureError("config names no layer count (num_hidden_layers or n_layer)")
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The model without its output head (what returns ``last_hidden_state``). ``base_model``,
+    except where a class's ``base_model_prefix`` names no attribute of it (transformers 4.56's
+    Gemma3ForCausalLM: "language_model" for its ``model``) and ``base_model`` is the model
+    itself: then its decoder, or its one child that is a pretrained model."""
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        return base
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        return decoder
+    inner = [m for m in model.children() if hasattr(m, "config") and hasattr(m, "forward")]
+    if len(inner) == 1:
+        return inner[0]
+    raise UnknownArchitectureError(f"{type(model).__name__}: no base model without the head")
+
+
 def execution_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: accelerate's execution device when its weights are offloaded
     (they then sit on the meta device between calls), else the device of its parameters."""

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rrome_cli.models.families import UnknownArchitectureError, execution_device, input_device
+from rrome_cli.models.families import (
+    UnknownArchitectureError,
+    base_of,
+    execution_device,
+    input_device,
+)
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -81,7 +86,7 @@ def check_output_head(model: nn.Module, rewrite: str | None = None, tokens: int 
             f"{shapes[0]}, not (batch, tokens, width): its blocks reshape the tokens before "
             "the MLP, which rrome's key and value passes do not follow"
         )
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = base_of(model)(input_ids=ids, use_cache=False).last_hidden_state
     ours = head_logits(model, hidden).to(own.device)
     scale = max(own.abs().max().item(), 1.0)
     tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
