@@ -386,3 +386,20 @@ def test_smollm2_without_its_alias_gets_the_default_recipe(tmp_path: Path) -> No
     records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["applied"] * 2
     assert all(r["post"]["rewrite_acc"] == 1.0 for r in records), [r["post"] for r in records]
+
+
+@pytest.mark.parametrize(
+    "alias", ["gpt2-xl", "gpt-j-6b", "llama2-7b", "llama3-8b", "mistral-7b", "qwen2.5-7b"]
+)
+def test_structure_agrees_with_the_table_on_the_shipped_models(alias: str) -> None:
+    """The real shapes (the shipped configs, weights on the meta device): the structure finds
+    the table's names, and the depth rule gives the published layer but for GPT-2 XL's."""
+    from rrome_cli.config import load_hparams, shipped_hparams
+    from rrome_cli.models.loading import load_config
+    from rrome_cli.models.placement import meta_model
+
+    config = load_config(alias)
+    found = find_structure(meta_model(config, torch.float16))
+    assert found.names == FAMILIES[config.architectures[0]]
+    published = load_hparams(shipped_hparams(alias)).layers[0]
+    assert (default_layer(found.n_layers)[0] == published) == (alias != "gpt2-xl")
