@@ -21,11 +21,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from rrome_cli.config import HParams, HParamsError, key_location, load_hparams, shipped_hparams
+from rrome_cli.config import (
+    DEFAULT_RECIPE,
+    HParams,
+    HParamsError,
+    default_hparams,
+    default_layer,
+    key_location,
+    load_hparams,
+    shipped_hparams,
+)
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
 from rrome_cli.memcheck import TYPICAL, MemcheckError, PromptShape, longest_shape
-from rrome_cli.models.families import UnknownArchitectureError
+from rrome_cli.models.families import UnknownArchitectureError, num_layers
 from rrome_cli.models.loading import ModelLoadError, load_config, load_tokenizer
 from rrome_cli.models.registry import hparams_name
 from rrome_cli.patches import PatchFileError
@@ -136,14 +145,30 @@ def hparams_file(path: Path | None, model: str | None) -> Path | None:
 
 
 def resolve_hparams(path: Path | None, model: str | None) -> HParams:
-    """--hparams, else the file shipped for the model, else the defaults."""
+    """--hparams, else the file shipped for the model, else the shipped recipe at the layer
+    the depth rule chooses (``config.default_hparams``), which it says."""
     source = hparams_file(path, model)
     if source is not None:
         return load_hparams(source)
-    console.print(
-        f"[yellow]no shipped hparams for {model!r}: using the defaults (layers {HParams().layers})"
-    )
-    return HParams()
+    hp, why = default_hparams(_layer_count(model))
+    console.print(f"no shipped hparams for {model}: the default recipe, {why}")
+    return hp
+
+
+def _layer_count(model: str | None) -> int:
+    from rrome_cli.models.loading import load_config
+
+    return num_layers(load_config(model))
+
+
+def hparams_origin(path: Path | None, model: str | None) -> str:
+    """Where the hyperparameters came from, for run.json (and, by default, the layer's why)."""
+    source = hparams_file(path, model)
+    if path is not None:
+        return f"--hparams {path}"
+    if source is not None:
+        return f"shipped for {model or 'smollm2-135m'}: {source.name}"
+    return f"the default recipe ({DEFAULT_RECIPE}.yaml), {default_layer(_layer_count(model))[1]}"
 
 
 def check_layers(hp: HParams, model: str | None, where: str) -> None:
@@ -158,7 +183,7 @@ def check_layers(hp: HParams, model: str | None, where: str) -> None:
 
 def layers_origin(path: Path | None, model: str | None) -> str:
     source = hparams_file(path, model)
-    return key_location(source, "layers") if source else "the default hparams (no --hparams)"
+    return key_location(source, "layers") if source else "the depth rule (no --hparams)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -358,6 +383,7 @@ def edit_cmd(
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
                 batch=parse_batch(batch, sequential, hp),
+                hparams_from=hparams_origin(hparams, model),
             )
             refuse_finished_run(out)  # before the model loads
             check_input(opts)  # so does every bad record of a requests file

@@ -294,3 +294,27 @@ def shipped_hparams(name: str) -> Path:
     if not path.exists():
         raise HParamsError(f"no shipped hparams for {name!r}; pass --hparams FILE")
     return path
+
+
+# The edited layer of a model with no shipped hyperparameters: a sixth of the depth, rounded
+# (docs/architectures.md). ROME's and EasyEdit's choices sit at 15-35% of the depth (5 of 28-32
+# for GPT-J, Llama, Mistral, Qwen2.5; 17 of 48 for GPT-2 XL); SmolLM2's measured layer is 5 of 30.
+DEPTH_FRACTION = 1 / 6
+DEFAULT_RECIPE = "default"  # hparams/default.yaml: SmolLM2's recipe without its layer and modules
+
+
+def default_layer(n_layers: int) -> tuple[int, str]:
+    """The layer to edit in a model of ``n_layers`` layers, and why."""
+    layer = min(n_layers - 1, int(n_layers * DEPTH_FRACTION + 0.5))
+    return layer, (
+        f"layer {layer} of {n_layers}: a sixth of the depth, rounded (the rule for models "
+        "without shipped hparams, docs/architectures.md)"
+    )
+
+
+def default_hparams(n_layers: int) -> tuple[HParams, str]:
+    """The shipped recipe (hparams/default.yaml) at the rule's layer, and why that layer."""
+    hp = load_hparams(shipped_hparams(DEFAULT_RECIPE))
+    layer, why = default_layer(n_layers)
+    hp.layers = [layer]
+    return hp, why

@@ -106,6 +106,7 @@ class RunOptions:
     batch: int = 1  # independent runs: requests in flight together
     shard: list[int] | None = None  # [rank, ranks]: edit only the requests index % ranks == rank
     stats: dict[str, Any] = field(default_factory=dict)  # corpus, tokens, stats_dir, ...
+    hparams_from: str | None = None  # the file, or the default recipe and why its layer
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -149,6 +150,8 @@ def provenance(state: RunState, templates_file: Path) -> dict[str, Any]:
         "protocol": "sequential" if state.opts.sequential else "independent",
         "templates": str(templates_file),
         "hparams": state.hp.to_dict(),
+        "hparams_from": state.opts.hparams_from,
+        "modules": state.loaded.structure.to_json() if state.loaded.structure else None,
         "options": state.opts.to_json(),
         "versions": library_versions(),
         "seed": state.opts.seed,

@@ -29,7 +29,8 @@ from rrome_cli.engine.hooks import (
     shared_kv_heads,
     weights_on_cpu,
 )
-from rrome_cli.models.families import execution_device, input_device
+from rrome_cli.models.families import base_of, input_device
+from rrome_cli.models.head import head_logits
 
 
 @dataclass
@@ -127,10 +128,9 @@ class PackedPass:
     ) -> None:
         self.model, self.blocks_below = model, blocks_below or []
         self.below_out: torch.Tensor | None = None  # (lines, width, d) once the first pass ran
-        self.base = model.base_model
-        self.head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.base = base_of(model)
         self.kv_in_place = weights_on_cpu(model)
+        _check_window(model, rows)
         if not reuses_prefix_cache(self.base):  # then every row runs whole, nothing cached
             rows = [replace(r, split=0) for r in rows]
         layout = _lay_out(rows)
@@ -220,10 +220,31 @@ class PackedPass:
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 log-softmax of the logits of the final hidden states ``h`` (N, d): (N, vocab)."""
-        logits = self.head(h.to(execution_device(self.head))).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.log_softmax(logits, dim=-1)
+        return F.log_softmax(head_logits(self.model, h), dim=-1)
+
+
+def sliding_window(config: object) -> int | None:
+    """The smallest attention window of the model's sliding-window layers; None: none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2: a window it does not use
+        return None
+    window = getattr(config, "sliding_window", None)
+    if window is None and "local" in (getattr(config, "attention_layers", None) or []):
+        window = getattr(config, "window_size", None)  # GPT-Neo's local attention
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _check_window(model: PreTrainedModel, rows: list[Row]) -> None:
+    """The packed pass's own block-causal mask is given to every layer, sliding-window layers
+    too (transformers takes a 4-D mask as it is): exact while every row fits in the window,
+    as prompts do (the smallest window of the supported families is 256 tokens)."""
+    window = sliding_window(model.config)
+    longest = max(len(r.ids) for r in rows)
+    if window is not None and longest > window:
+        raise ValueError(
+            f"a value prompt of {longest} tokens is longer than the model's sliding attention "
+            f"window ({window} tokens): shorten the prompt or the context templates"
+        )
 
 
 @dataclass

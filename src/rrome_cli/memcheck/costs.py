@@ -13,8 +13,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from rrome_cli.config import HParams
 from rrome_cli.evaluate.tokens import SCORE_BATCH
 from rrome_cli.memcheck.trace import Geometry, trace_value_step
-from rrome_cli.models.families import ModuleNames, module_names, num_layers, weight_as_out_in
+from rrome_cli.models.families import ModuleNames, num_layers, weight_as_out_in
 from rrome_cli.models.placement import execution_target, meta_model, placement
+from rrome_cli.models.structure import resolve
 
 PHASES = ("prefix", "forward", "head", "backward", "step")
 
@@ -196,7 +197,7 @@ def edit_working_set(
     meta = meta_model(config, dtype)
     if names is None:
         arch = (config.architectures or [type(meta).__name__])[0]
-        names = module_names(arch, hparams.module_overrides())
+        names = resolve(meta, arch, hparams.module_overrides()).names
     _, components = layer_costs(
         config, meta, names, hparams.layers[0], geometry, hparams, {"": "cpu"}, num_layers(config)
     )

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from rrome_cli.config import HParams
 from rrome_cli.memcheck.costs import layer_costs, stats_peak, weight_dims
 from rrome_cli.memcheck.trace import TYPICAL, Geometry, PromptShape, estimate_geometry
-from rrome_cli.models.families import ModuleNames, module_names, num_layers
+from rrome_cli.models.families import ModuleNames, num_layers
 from rrome_cli.models.loading import (
     DTYPES,
     ModelLoadError,
@@ -41,6 +41,7 @@ from rrome_cli.models.placement import (
     weights_per_device,
 )
 from rrome_cli.models.registry import DEFAULT_MODEL
+from rrome_cli.models.structure import resolve
 
 GiB = 1 << 30
 # Per GPU, outside the tensors: CUDA context, cuBLAS workspaces, allocator rounding.
@@ -190,7 +191,7 @@ def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
     config = load_config(model)
     meta = meta_model(config, dtype)
     arch = (config.architectures or [type(meta).__name__])[0]
-    names = module_names(arch, hparams.module_overrides())
+    names = resolve(meta, arch, hparams.module_overrides()).names
     n_layers = num_layers(config)
     for layer in hparams.layers:
         if not 0 <= layer < n_layers:

@@ -1,8 +1,9 @@
-"""Where the edited pieces live inside each model family.
+"""Module names of the families rrome ships aliases for, and helpers on modules.
 
-ROME edits the output projection of one MLP. Its name differs per family, so we map the
-model's architecture class (``config.architectures[0]``) to module-name templates; ``{}`` is
-the layer index. We never guess from substrings of a checkpoint's name.
+ROME edits the output projection of one MLP. ``models.structure`` finds it in any decoder-only
+model from the modules themselves; this table of architecture classes
+(``config.architectures[0]``) to module-name templates (``{}``: the layer index) is its fast
+path and cross-check, never the only way. We never guess from substrings of a checkpoint's name.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ MODULE_KEYS = tuple(f.name for f in fields(ModuleNames))
 
 
 def module_names(architecture: str | None, overrides: dict[str, Any] | None = None) -> ModuleNames:
-    """Names for ``architecture``; any of ``MODULE_KEYS`` set in ``overrides`` (the YAML) win."""
+    """Names for ``architecture`` from the table alone; any of ``MODULE_KEYS`` set in
+    ``overrides`` (the YAML) win. With the model at hand, ``models.structure.resolve`` also
+    reads any architecture the table does not list."""
     overrides = {k: v for k, v in (overrides or {}).items() if k in MODULE_KEYS and v}
     base = FAMILIES.get(architecture or "")
     if base is not None:
@@ -95,10 +98,29 @@ def weight_as_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def num_layers(config: Any) -> int:
+    if hasattr(config, "get_text_config"):  # a multimodal config's language model
+        config = config.get_text_config()
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(config, key, None):
             return int(getattr(config, key))
     raise UnknownArchitectureError("config names no layer count (num_hidden_layers or n_layer)")
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The model without its output head (what returns ``last_hidden_state``). ``base_model``,
+    except where a class's ``base_model_prefix`` names no attribute of it (transformers 4.56's
+    Gemma3ForCausalLM: "language_model" for its ``model``) and ``base_model`` is the model
+    itself: then its decoder, or its one child that is a pretrained model."""
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        return base
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        return decoder
+    inner = [m for m in model.children() if hasattr(m, "config") and hasattr(m, "forward")]
+    if len(inner) == 1:
+        return inner[0]
+    raise UnknownArchitectureError(f"{type(model).__name__}: no base model without the head")
 
 
 def execution_device(module: nn.Module) -> torch.device:

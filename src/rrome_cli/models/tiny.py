@@ -6,8 +6,11 @@ no download: a few hundred thousand parameters, seeded, so every run builds the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -35,8 +38,9 @@ A B C D E F G H I J K L M N O P Q R S T U V W X Y Z 0 1 2 3 4 5 6 7 8 9 , . ? ! 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def tiny_tokenizer(style: str = "byte") -> PreTrainedTokenizerFast:
-    """A BPE tokenizer trained on a few lines: ``byte`` (GPT-2 style) or ``sp`` (Llama style)."""
+def tiny_tokenizer(style: str = "byte", bos: bool = False) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on a few lines: ``byte`` (GPT-2 style) or ``sp`` (Llama style);
+    ``bos``: it puts ``<s>`` before every text, as Llama's and Gemma's tokenizers do."""
     if style == "byte":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -51,6 +55,10 @@ def tiny_tokenizer(style: str = "byte") -> PreTrainedTokenizerFast:
         vocab_size=400, special_tokens=SPECIAL, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -109,3 +117,143 @@ def tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.to(dtype).eval(), tok
+
+
+# Tiny random models of more architectures, each from transformers' own configuration class
+# (hidden width 64, 3 layers, 4 heads, 2 key/value heads where the family has them): what
+# tests/test_architectures.py edits end to end. name -> (configuration class, its settings,
+# tokenizer style, whether the tokenizer adds a BOS). Settings that matter to the engine are
+# set on purpose: soft-capped logits (Gemma 2/3), scaled logits and embeddings (Granite,
+# Cohere), sliding-window and full attention layers side by side (Gemma 2/3, GPT-Neo).
+_GQA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+_GEMMA = dict(_GQA, head_dim=16, sliding_window=256)
+_MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str, bool]] = {
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, n_positions=256), "byte", False),
+    "gptj": (
+        "GPTJConfig",
+        dict(n_embd=64, n_layer=3, n_head=4, n_positions=256, rotary_dim=8),
+        "byte",
+        False,
+    ),
+    "gpt-neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        ),
+        "byte",
+        False,
+    ),
+    "llama": ("LlamaConfig", _GQA, "sp", True),
+    "mistral": ("MistralConfig", dict(_GQA, sliding_window=256), "sp", True),
+    "qwen2": ("Qwen2Config", _GQA, "byte", False),
+    "qwen3": ("Qwen3Config", dict(_GQA, head_dim=16), "byte", False),
+    "gemma": ("GemmaConfig", dict(_GQA, head_dim=16), "sp", True),
+    "gemma2": ("Gemma2Config", dict(_GEMMA, layer_types=_MIXED), "sp", True),
+    "gemma3-text": (
+        "Gemma3TextConfig",
+        dict(_GEMMA, layer_types=_MIXED, final_logit_softcapping=30.0),
+        "sp",
+        True,
+    ),
+    "phi3": ("Phi3Config", _GQA, "sp", False),
+    "phi": ("PhiConfig", dict(_GQA, partial_rotary_factor=0.5), "byte", False),
+    "olmo": ("OlmoConfig", _GQA, "byte", False),
+    "olmo2": ("Olmo2Config", _GQA, "byte", False),
+    "granite": (
+        "GraniteConfig",
+        dict(_GQA, logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5),
+        "byte",
+        False,
+    ),
+    "stablelm": ("StableLmConfig", _GQA, "byte", False),
+    "smollm3": ("SmolLM3Config", _GQA, "byte", False),
+    "cohere": ("CohereConfig", dict(_GQA, logit_scale=0.5), "sp", True),
+    "starcoder2": ("Starcoder2Config", _GQA, "byte", False),
+    "falcon": (
+        "FalconConfig",
+        dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+        "byte",
+        False,
+    ),
+    "gpt-neo": (
+        "GPTNeoConfig",
+        dict(
+            hidden_size=64,
+            num_layers=3,
+            num_heads=4,
+            max_position_embeddings=256,
+            attention_types=[[["global", "local"], 1], [["global"], 1]],
+            window_size=256,
+        ),
+        "byte",
+        False,
+    ),
+    "gpt-bigcode": (
+        "GPTBigCodeConfig",
+        dict(n_embd=64, n_layer=3, n_head=4, n_positions=256),
+        "byte",
+        False,
+    ),
+}
+# Architectures rrome refuses (exit 2), naming what it found: mixtures of experts, whose MLP
+# cannot be told unambiguously, and OPT, whose blocks flatten the tokens before the MLP.
+REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+        ),
+    ),
+    "mixtral": ("MixtralConfig", dict(_GQA, num_local_experts=4)),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(_GQA, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+    "olmoe": ("OlmoeConfig", dict(_GQA, num_experts=4)),
+}
+
+
+def architecture_config(name: str, vocab: int) -> PretrainedConfig | None:
+    """The tiny configuration of ``name`` (ARCHITECTURES or REFUSED); None when this
+    transformers has no such configuration class."""
+    cls_name, settings = (ARCHITECTURES[name][:2] if name in ARCHITECTURES else REFUSED[name])
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        return None
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    # Weights ten times transformers' default spread: at 0.02 the head's logits span about 1,
+    # so that no edit can move a probability far, and the tests could not see an edit take.
+    return cls(**settings, **common, initializer_range=0.2)
+
+
+def tiny_architecture(
+    name: str, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast] | None:
+    """A seeded random model of architecture ``name`` and its tokenizer, in eval mode; None
+    when this transformers does not have it."""
+    style, bos = ARCHITECTURES[name][2:] if name in ARCHITECTURES else ("byte", False)
+    tok = tiny_tokenizer(style, bos)
+    config = architecture_config(name, len(tok))
+    if config is None:
+        return None
+    config.name_or_path = f"tiny-{name}"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval(), tok
