@@ -19,9 +19,10 @@ from rrome_cli.cli import app
 from rrome_cli.config import load_hparams, shipped_hparams
 from rrome_cli.engine.update import Patch
 from rrome_cli.files import PATCH_JOURNAL
-from rrome_cli.models.loading import load_model, load_tokenizer
+from rrome_cli.models.loading import load_config, load_model, load_tokenizer
 from rrome_cli.patches import load_patches, save_patches
-from rrome_cli.run import RunOptions, run_edits
+from rrome_cli.requests import RequestError
+from rrome_cli.run import RunOptions, run_edits, survey_requests
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLE = DATA / "counterfact-sample.jsonl"
@@ -599,6 +600,7 @@ def test_memory_plan_counts_phrasings_that_requests_bring(
     own.write_text(json.dumps(record | {"phrasings": ["{} speaks"]}) + "\n")
     hp = load_hparams(shipped_hparams("smollm2-135m"))
     table = str(DATA / "counterfact-phrasings.json")
+    tok, config = load_tokenizer("smollm2-135m"), load_config("smollm2-135m")
     for opts in (
         RunOptions(requests=str(SAMPLE)),
         RunOptions(requests=str(own)),
@@ -606,24 +608,32 @@ def test_memory_plan_counts_phrasings_that_requests_bring(
         RunOptions(requests="-"),  # standard input cannot be read twice
         RunOptions(requests=str(DATA / "bad-requests.jsonl")),  # reported later, at its line
     ):
-        cli.check_memory("smollm2-135m", None, "cpu", None, hp, False, opts)
+        survey = survey_requests(tok, config, hp, opts)
+        cli.check_memory("smollm2-135m", None, "cpu", None, hp, False, survey)
     assert asked == [0, hp.max_phrasings, hp.max_phrasings, 0, 0]
 
 
 def test_memory_plan_is_for_the_longest_request(tmp_path: Path) -> None:
     """memcheck before an edit plans the longest request of the file, not a typical one:
     a long prompt widens the value pass and the key pass, and the plan's working set."""
-    from rrome_cli import cli, memcheck
+    from rrome_cli import memcheck
 
     hp = load_hparams(shipped_hparams("smollm2-135m"))
     records = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:3]]
     long = dict(records[1], prompt="Long ago and far away, " * 40 + records[1]["prompt"])
     path = tmp_path / "requests.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], long, records[2]]))
-    tok = load_tokenizer("smollm2-135m")
-    shape = cli.longest_request(tok, RunOptions(requests=str(path)))
+    tok, config = load_tokenizer("smollm2-135m"), load_config("smollm2-135m")
+    shape = survey_requests(tok, config, hp, RunOptions(requests=str(path))).shape
     assert shape.to_subject > 200 > memcheck.TYPICAL.to_subject
-    assert cli.longest_request(tok, RunOptions(requests="-")) == memcheck.TYPICAL
+    assert survey_requests(tok, config, hp, RunOptions(requests="-")).shape == memcheck.TYPICAL
+    # under --skip-invalid a request too long for the model is skipped, and not planned for
+    too_long = dict(records[1], prompt="Long ago and far away, " * 2000 + records[1]["prompt"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], too_long, records[2]]))
+    with pytest.raises(RequestError, match=r"requests.jsonl:2: field 'prompt'"):
+        survey_requests(tok, config, hp, RunOptions(requests=str(path)))
+    skipping = RunOptions(requests=str(path), skip_invalid=True)
+    assert survey_requests(tok, config, hp, skipping).shape.to_subject < 200
 
     def edit_bytes(shape: memcheck.PromptShape) -> int:
         plan = memcheck.plan("smollm2-135m", None, "cpu", None, hp, shape=shape)

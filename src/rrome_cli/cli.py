@@ -33,7 +33,7 @@ from rrome_cli.config import (
 )
 from rrome_cli.engine.stats import CorpusError
 from rrome_cli.engine.templates import load_templates
-from rrome_cli.memcheck import TYPICAL, MemcheckError, PromptShape, longest_shape
+from rrome_cli.memcheck import MemcheckError
 from rrome_cli.models.families import UnknownArchitectureError, num_layers
 from rrome_cli.models.loading import ModelLoadError, load_config, load_tokenizer
 from rrome_cli.models.registry import hparams_name
@@ -44,14 +44,11 @@ from rrome_cli.requests import (
     RequestError,
     check_requests,
     read_phrasings,
-    read_requests,
     stdin_is_empty,
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from rrome_cli.run import RunOptions
+    from rrome_cli.run import RunOptions, Survey
 
 app = typer.Typer(
     help="Edit facts inside causal language models with R-ROME (rank-one model editing).",
@@ -339,10 +336,10 @@ def edit_cmd(
     from rrome_cli.models.loading import load_model
     from rrome_cli.run import (
         RunOptions,
-        check_request_lengths,
         check_resume,
         load_run,
         run_edits,
+        survey_requests,
     )
 
     _, ranks, local_rank = ranks_from_env()
@@ -397,11 +394,10 @@ def edit_cmd(
             if devices is None and torch.cuda.is_available():
                 devices = str(local_rank)
         tok = load_tokenizer(model)  # the requests' lengths, before the weights load
-        check_request_lengths(tok, load_config(model), hp, opts, resume)
-        shape = longest_request(tok, opts)  # memcheck plans the longest request
-        device_map = check_memory(model, dtype, devices, max_memory, hp, force, opts, shape)
+        survey = survey_requests(tok, load_config(model), hp, opts, resume)
+        device_map = check_memory(model, dtype, devices, max_memory, hp, force, survey)
         if not opts.batch:  # auto
-            opts.batch = auto_batch(model, dtype, devices, max_memory, hp, opts, shape)
+            opts.batch = auto_batch(model, dtype, devices, max_memory, hp, survey)
             console.print(f"--batch auto: {opts.batch} requests in flight together")
         loaded = load_model(model, dtype, devices, hp, parse_memory(max_memory), device_map)
         if ranks > 1:
@@ -447,11 +443,10 @@ def auto_batch(
     devices: str | None,
     max_memory: str | None,
     hp: HParams,
-    opts: RunOptions,
-    shape: PromptShape = TYPICAL,
+    survey: Survey,
 ) -> int:
     """``--batch auto``: on a GPU the most requests in flight together that memcheck says
-    fit (planned for ``shape``, the longest request), on the CPU ``CPU_BATCH``."""
+    fit (planned for the survey's longest request), on the CPU ``CPU_BATCH``."""
     import torch
 
     on_gpu = torch.cuda.is_available() and (devices or "0") != "cpu"
@@ -459,8 +454,9 @@ def auto_batch(
         return CPU_BATCH
     from rrome_cli.memcheck import largest_batch
 
-    extra = hp.max_phrasings if brings_phrasings(opts) else 0
-    return largest_batch(model, dtype, devices, parse_memory(max_memory), hp, shape, extra)
+    extra = hp.max_phrasings if survey.phrasings else 0
+    memory = parse_memory(max_memory)
+    return largest_batch(model, dtype, devices, memory, hp, survey.shape, extra)
 
 
 def check_input(opts: RunOptions) -> None:
@@ -473,48 +469,12 @@ def check_input(opts: RunOptions) -> None:
         raise RequestError(STDIN_NAME, None, None, f"no requests in {STDIN_NAME}")
 
 
-def brings_phrasings(opts: RunOptions) -> bool:
-    """Whether requests may bring relation phrasings, so memcheck plans their value rows:
-    ``--phrasings``, or a request file in which some request carries its own. Standard input
-    cannot be read twice, so there only ``--phrasings`` counts. Bad records are left for the
-    run to report at their line."""
-    if opts.phrasings:
-        return True
-    if opts.requests == "-":
-        return False
-    try:
-        found = read_requests(
-            opts.requests,
-            fmt=opts.fmt,
-            skip_invalid=True,
-            limit=opts.limit,
-            on_skip=lambda err: None,
-            warn=lambda message: None,
-        )
-        return any(request.phrasings for request in found)
-    except RequestError:
-        return False
-
-
 def parse_memory(spec: str | None) -> dict[str | int, str] | None:
     if not spec:
         return None
     from rrome_cli.memcheck import parse_max_memory
 
     return parse_max_memory(spec)
-
-
-def longest_request(tok: PreTrainedTokenizerBase, opts: RunOptions | None) -> PromptShape:
-    """The shape of a requests file's longest request, which memcheck plans for; a typical
-    one's for standard input (not read twice)."""
-    if opts is None or opts.requests == "-":
-        return TYPICAL
-    with warnings.catch_warnings():  # the run warns about its records itself, once
-        warnings.simplefilter("ignore")
-        found = read_requests(
-            opts.requests, fmt=opts.fmt, skip_invalid=True, limit=opts.limit, on_skip=lambda e: 0
-        )
-        return longest_shape(tok, found)
 
 
 def check_memory(
@@ -524,21 +484,18 @@ def check_memory(
     max_memory: str | None,
     hp: HParams,
     force: bool,
-    opts: RunOptions | None = None,
-    shape: PromptShape | None = None,
+    survey: Survey,
 ) -> dict[str, int | str] | None:
     """Refuse a plan that memcheck says cannot fit, unless --force; returns its device map.
-    When ``opts``' requests may bring relation phrasings, the plan counts ``hp.max_phrasings``
-    more value prompts; it plans for ``shape`` (default: ``opts``' longest request)."""
+    The plan is for the survey's longest request, with ``hp.max_phrasings`` more value
+    prompts when the requests bring relation phrasings."""
     from rrome_cli.memcheck import plan, render
 
     if model and model.startswith("tiny-"):
         return None
-    extra = hp.max_phrasings if opts and brings_phrasings(opts) else 0
-    memory_plan = plan(
-        model, dtype, devices, parse_memory(max_memory), hp, phrasings=extra,
-        shape=shape or longest_request(load_tokenizer(model), opts),
-    )  # fmt: skip
+    extra = hp.max_phrasings if survey.phrasings else 0
+    memory = parse_memory(max_memory)
+    memory_plan = plan(model, dtype, devices, memory, hp, phrasings=extra, shape=survey.shape)
     if memory_plan.fits:
         return memory_plan.device_map
     render(memory_plan, console)

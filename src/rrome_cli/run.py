@@ -13,6 +13,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -53,6 +54,7 @@ from rrome_cli.files import (
     write_jsonl,
 )
 from rrome_cli.lengths import check_length, max_positions, template_allowance
+from rrome_cli.memcheck.trace import TYPICAL, PromptShape, longest_shape
 from rrome_cli.models.families import execution_device, weight_as_out_in
 from rrome_cli.models.loading import LoadedModel, check_model_target, save_model_atomic
 from rrome_cli.patches import (
@@ -414,26 +416,55 @@ def _requests(
         yield request
 
 
-def check_request_lengths(
+@dataclass
+class Survey:
+    """What a requests file tells memcheck before the model loads."""
+
+    phrasings: bool  # relation phrasings (--phrasings, or a request's own): more value rows
+    shape: PromptShape  # the longest request's, which the plan is for
+
+
+def survey_requests(
     tok: PreTrainedTokenizerBase,
     config: PretrainedConfig,
     hp: HParams,
     opts: RunOptions,
     resume: Path | None = None,
-) -> None:
-    """Before the model loads: every request of a requests file fits the model's context, its
-    prompt behind the longest context template (the run's own, or a bound from ``hp``) with
-    the target; the first that does not raises, naming its file, line and field. Standard
-    input is checked record by record as the run reads it, and so are skipped records."""
-    if opts.requests == "-" or opts.skip_invalid:
-        return
+) -> Survey:
+    """Before the model loads, one pass over a requests file: every request fits the model's
+    context, its prompt behind the longest context template (the run's own, or a bound from
+    ``hp``) with the target (the first that does not raises, naming its file, line and field;
+    under --skip-invalid the run reports it at its turn); whether requests bring relation
+    phrasings; and the longest request's shape. Standard input is not read twice: the run
+    checks each record as it reads it, and memcheck plans a typical request."""
+    if opts.requests == "-":
+        return Survey(bool(opts.phrasings), TYPICAL)
     saved = resume / "templates.json" if resume else None
     source = saved if saved and saved.exists() else opts.templates
     templates = load_templates(source) if source else None
     limit = max_positions(config)
     allowance = template_allowance(tok, hp, templates)
-    for request in _requests(opts, lambda message: None):
-        check_length(tok, request, limit, allowance, opts.fluency)
+    table = read_phrasings(opts.phrasings) if opts.phrasings else {}
+    fitting = []
+    with warnings.catch_warnings():  # the run warns about its records itself, once
+        warnings.simplefilter("ignore")
+        found = read_requests(  # bad records: refused before (or, skipped, reported later)
+            opts.requests, fmt=opts.fmt, skip_invalid=True, limit=opts.limit, on_skip=_ignore
+        )
+        for request in found:
+            try:
+                check_length(tok, request, limit, allowance, opts.fluency)
+            except RequestError:
+                if not opts.skip_invalid:
+                    raise
+                continue
+            fitting.append(with_phrasings(request, table))
+    phrasings = bool(opts.phrasings) or any(r.phrasings for r in fitting)
+    return Survey(phrasings, longest_shape(tok, fitting))
+
+
+def _ignore(_: object) -> None:
+    return None
 
 
 def run_edits(

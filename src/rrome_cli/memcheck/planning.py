@@ -187,8 +187,9 @@ class _Model:
     n_layers: int
 
 
-def _model(model: str | None, dtype: torch.dtype, hparams: HParams) -> _Model:
-    config = load_config(model)
+def _model(
+    model: str | None, config: PretrainedConfig, dtype: torch.dtype, hparams: HParams
+) -> _Model:
     meta = meta_model(config, dtype)
     arch = (config.architectures or [type(meta).__name__])[0]
     names = resolve(meta, arch, hparams.module_overrides()).names
@@ -407,7 +408,7 @@ def _setup(
         torch_dtype = DTYPES[dtype] if dtype else choose_dtype(config, None, targets)
     except KeyError:
         raise MemcheckError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
-    return _model(model, torch_dtype, hparams), targets, limits
+    return _model(model, config, torch_dtype, hparams), targets, limits
 
 
 def _cheapest_fix(
@@ -448,7 +449,7 @@ def _cheapest_fix(
         return ", ".join(f"{d.device} {gib(d.total)}/{gib(d.capacity)} GiB" for d in p.devices)
 
     if next(built.meta.parameters()).dtype == torch.float32:
-        half = _model(model, torch.bfloat16, hparams)
+        half = _model(model, built.config, torch.bfloat16, hparams)
         if (p := attempt(m=half)) is not None:
             return f"use --bf16 (or --fp16) instead of fp32 (then {summary(p)})"
     gpus = [d for d in devices if d.type == "cuda"]
