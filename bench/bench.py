@@ -188,7 +188,9 @@ def fluency(
     not be redone (pre: the prompts in one batch on the unedited model; post: each record's
     patch applied alone, the generation made, the weight restored bit for bit). Rows are kept
     in ``run_dir/fluency.jsonl``, so an interrupted pass continues; a record without a patch
-    (runs made before patches were saved per record lost some on a resume) is left out."""
+    (runs made before patches were saved per record lost some on a resume) is left out. Each
+    row also keeps both texts and how often the post-edit one says the new object; the post
+    stats count the continuations that say it more than twice (``repeats_over_2``)."""
     model, tok = loaded.model, loaded.tok
     by_name: dict[str, list[Patch]] = {}
     for patch in load_patches(run_dir / "patches.safetensors"):
@@ -212,12 +214,19 @@ def fluency(
             row = {"index": record["index"]}
             row |= {"pre": {"fluency": n_gram_entropy([pre_text])}}
             row |= {"post": {"fluency": n_gram_entropy([post_text])}}
+            # issue 35: the new object said more than twice in a continuation is a loop
+            row |= {"repeats": post_text.count(record["request"]["target_new"].strip())}
+            row |= {"pre_text": pre_text, "post_text": post_text}
             out.write(json.dumps(row) + "\n")
             out.flush()
             rows.append(row)
     if not rows:
         return {}
-    return {phase: table["fluency"] for phase, table in summarise(rows)["metrics"].items()}
+    stats = {phase: table["fluency"] for phase, table in summarise(rows)["metrics"].items()}
+    counted = [r["repeats"] for r in rows if "repeats" in r]  # rows of before 2026-12-04: none
+    if counted:
+        stats["post"] |= {"repeats_over_2": sum(n > 2 for n in counted), "repeats_of": len(counted)}
+    return stats
 
 
 def throughput(

@@ -47,6 +47,10 @@ def test_fluency_from_patches_equals_fluency_measured_in_the_run(tmp_path: Path)
     for row, record in zip(rows, report, strict=True):  # pre: one batch, so within rounding
         assert row["pre"]["fluency"] == pytest.approx(record["pre"]["fluency"], rel=1e-9)
         assert row["post"]["fluency"] == record["post"]["fluency"]
+        target = record["request"]["target_new"].strip()
+        assert row["repeats"] == row["post_text"].count(target)
+    assert stats["post"]["repeats_of"] == len(rows)
+    assert stats["post"]["repeats_over_2"] == sum(r["repeats"] > 2 for r in rows)
     for phase in ("pre", "post"):
         expected = summary["metrics"][phase]["fluency"]["mean"]
         assert stats[phase]["mean"] == pytest.approx(expected, rel=1e-9)
