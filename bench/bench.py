@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -215,7 +216,7 @@ def fluency(
             row |= {"pre": {"fluency": n_gram_entropy([pre_text])}}
             row |= {"post": {"fluency": n_gram_entropy([post_text])}}
             # issue 35: the new object said more than twice in a continuation is a loop
-            row |= {"repeats": post_text.count(record["request"]["target_new"].strip())}
+            row |= {"repeats": said(post_text, record["request"]["target_new"])}
             row |= {"pre_text": pre_text, "post_text": post_text}
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -227,6 +228,11 @@ def fluency(
     if counted:
         stats["post"] |= {"repeats_over_2": sum(n > 2 for n in counted), "repeats_of": len(counted)}
     return stats
+
+
+def said(text: str, words: str) -> int:
+    """How often ``text`` says ``words`` as words of its own ("Brazil" is not in "Brazilian")."""
+    return len(re.findall(rf"(?<!\w){re.escape(words.strip())}(?!\w)", text))
 
 
 def throughput(

@@ -29,6 +29,13 @@ def _bench() -> ModuleType:
     return module
 
 
+def test_said_counts_whole_words() -> None:
+    said = _bench().said
+    assert said("Manchester, Manchester, Manchester", " Manchester") == 3
+    assert said("Brazil is not Brazilian", "Brazil") == 1
+    assert said("New York and New Yorkers", "New York") == 1
+
+
 def test_fluency_from_patches_equals_fluency_measured_in_the_run(tmp_path: Path) -> None:
     """Each patch applied alone afterwards gives the generation the run itself scored, and the
     model is left as it was; a second pass measures nothing again."""
@@ -47,8 +54,7 @@ def test_fluency_from_patches_equals_fluency_measured_in_the_run(tmp_path: Path)
     for row, record in zip(rows, report, strict=True):  # pre: one batch, so within rounding
         assert row["pre"]["fluency"] == pytest.approx(record["pre"]["fluency"], rel=1e-9)
         assert row["post"]["fluency"] == record["post"]["fluency"]
-        target = record["request"]["target_new"].strip()
-        assert row["repeats"] == row["post_text"].count(target)
+        assert row["repeats"] == _bench().said(row["post_text"], record["request"]["target_new"])
     assert stats["post"]["repeats_of"] == len(rows)
     assert stats["post"]["repeats_over_2"] == sum(r["repeats"] > 2 for r in rows)
     for phase in ("pre", "post"):
