@@ -145,3 +145,37 @@ def test_rephrase_ceiling_counts_the_same_question_records_by_each_reader() -> N
     second = {"a": True, "b": False, "c": True, "d": False}  # "x" unlabelled: left out
     bound = split.ceiling(first, second)
     assert bound == {"first reader": 0.5, "either reader": 0.75, "both readers": 0.25}
+
+
+def test_a_kept_run_resumes_as_the_run_itself(tmp_path: Path) -> None:
+    """bench/keep_run.py copies a sequential run with one journal file per edit and no folded
+    patch file; resumed from the copy, the run goes on as it would have from the original."""
+    spec = importlib.util.spec_from_file_location("keep_run", ROOT / "bench" / "keep_run.py")
+    assert spec is not None and spec.loader is not None
+    keep_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep_run)
+    loaded = load_model("tiny-llama")
+    hp = load_hparams(shipped_hparams("tiny-llama"))
+    console = Console(quiet=True)
+    whole = RunOptions(requests=str(SAMPLE), limit=4, out=tmp_path / "whole", sequential=True)
+    run_edits(loaded, hp, whole, console)
+    loaded = load_model("tiny-llama")
+    part = RunOptions(requests=str(SAMPLE), limit=2, out=tmp_path / "part", sequential=True)
+    run_edits(loaded, hp, part, console)
+    assert keep_run.keep(tmp_path / "part", tmp_path / "kept") == 2
+    assert not (tmp_path / "kept" / "patches.safetensors").exists()
+    assert len(list((tmp_path / "kept" / "patches.d").iterdir())) == 2
+    loaded = load_model("tiny-llama")
+    run_edits(
+        loaded, hp, RunOptions(**{**vars(part), "limit": 4}), console, resume=tmp_path / "kept"
+    )
+    for name in ("whole", "kept"):
+        assert (tmp_path / name / "patches.safetensors").exists()
+    from rrome_cli.patches import load_patches
+
+    for a, b in zip(
+        load_patches(tmp_path / "whole" / "patches.safetensors"),
+        load_patches(tmp_path / "kept" / "patches.safetensors"),
+        strict=True,
+    ):
+        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
