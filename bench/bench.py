@@ -15,9 +15,12 @@ Prints its tables (``--markdown``: the quality table in Markdown, for docs/resul
 Sections: per-edit time (keys / value optimisation / solve / apply, steps, overhead ratio),
 statistics throughput vs a full forward, peak memory of an edit vs memcheck, quality in
 independent mode (CounterFact and zsRE; r-rome with statistics, r-rome with C = I, rome; and
-r-rome with CounterFact's relation phrasings; fluency pre and post from each run's patches),
+r-rome with CounterFact's relation phrasings; the shipped recipe on 200 held-out records of each,
+CounterFact 2000-2199 and zsRE 200-399; fluency pre and post from each run's patches, and how
+often an edited continuation repeats the new object),
 throughput of independent runs by --batch (and 2 torchrun processes against 1) and
-a sequential run (immediate and retrospective metrics, update norms, entropy, collapse).
+a 1,000-edit sequential run (immediate and retrospective metrics, update norms, entropy,
+collapse; kept between sessions with bench/keep_run.py).
 """
 
 from __future__ import annotations
