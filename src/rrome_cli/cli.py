@@ -26,7 +26,6 @@ from rrome_cli.config import (
     HParams,
     HParamsError,
     default_hparams,
-    default_layer,
     key_location,
     load_hparams,
     shipped_hparams,
@@ -141,31 +140,20 @@ def hparams_file(path: Path | None, model: str | None) -> Path | None:
     return shipped_hparams(name) if name else None
 
 
-def resolve_hparams(path: Path | None, model: str | None) -> HParams:
+def resolve_hparams(path: Path | None, model: str | None) -> tuple[HParams, str]:
     """--hparams, else the file shipped for the model, else the shipped recipe at the layer
-    the depth rule chooses (``config.default_hparams``), which it says."""
-    source = hparams_file(path, model)
+    the depth rule chooses (``config.default_hparams``), which it says; and where they came
+    from, for run.json."""
+    if path is not None:
+        return load_hparams(path), f"--hparams {path}"
+    source = hparams_file(None, model)
     if source is not None:
-        return load_hparams(source)
-    hp, why = default_hparams(_layer_count(model))
-    console.print(f"no shipped hparams for {model}: the default recipe, {why}")
-    return hp
-
-
-def _layer_count(model: str | None) -> int:
+        return load_hparams(source), f"shipped for {model or 'smollm2-135m'}: {source.name}"
     from rrome_cli.models.loading import load_config
 
-    return num_layers(load_config(model))
-
-
-def hparams_origin(path: Path | None, model: str | None) -> str:
-    """Where the hyperparameters came from, for run.json (and, by default, the layer's why)."""
-    source = hparams_file(path, model)
-    if path is not None:
-        return f"--hparams {path}"
-    if source is not None:
-        return f"shipped for {model or 'smollm2-135m'}: {source.name}"
-    return f"the default recipe ({DEFAULT_RECIPE}.yaml), {default_layer(_layer_count(model))[1]}"
+    hp, why = default_hparams(num_layers(load_config(model)))
+    console.print(f"no shipped hparams for {model}: the default recipe, {why}")
+    return hp, f"the default recipe ({DEFAULT_RECIPE}.yaml), {why}"
 
 
 def check_layers(hp: HParams, model: str | None, where: str) -> None:
@@ -356,7 +344,7 @@ def edit_cmd(
         else:
             if requests is None:
                 raise typer.BadParameter("give a requests file (or - for standard input)")
-            hp = resolve_hparams(hparams, model)
+            hp, hparams_from = resolve_hparams(hparams, model)
             if variant:
                 if variant not in VARIANTS:
                     raise HParamsError(f"--variant must be one of {', '.join(VARIANTS)}")
@@ -380,7 +368,7 @@ def edit_cmd(
                 fluency=fluency,
                 stats={"corpus": corpus, "stats_dir": str(stats_dir) if stats_dir else None},
                 batch=parse_batch(batch, sequential, hp),
-                hparams_from=hparams_origin(hparams, model),
+                hparams_from=hparams_from,
             )
             refuse_finished_run(out)  # before the model loads
             check_input(opts)  # so does every bad record of a requests file
@@ -593,7 +581,7 @@ def memcheck_cmd(
     from rrome_cli.memcheck import plan, render
 
     def body() -> bool:
-        hp = resolve_hparams(hparams, model)
+        hp, _ = resolve_hparams(hparams, model)
         check_layers(hp, model, layers_origin(hparams, model))
         if phrasings:
             read_phrasings(phrasings)
@@ -640,7 +628,7 @@ def stats_cmd(
     from rrome_cli.engine.stats import stats_command
 
     def body() -> None:
-        hp = resolve_hparams(hparams, model)
+        hp, _ = resolve_hparams(hparams, model)
         check_layers(
             replace(hp, layers=sorted(set(layer))) if layer else hp,
             model,
