@@ -70,30 +70,27 @@ def tiny_tokenizer(style: str = "byte", bos: bool = False) -> PreTrainedTokenize
     return fast
 
 
+# The shapes of the tiny models: hidden width 64, 4 heads (2 key/value heads where the family
+# has them), 3 layers (the families' own tiny models below take 4).
+_NEOX = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+_GQA = dict(_NEOX, num_key_value_heads=2)
+
+
 def _config(family: str, vocab: int) -> PretrainedConfig:
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    llama = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **common,
-    )
+    llama = dict(_GQA, num_hidden_layers=4, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
     if family == "gptj":
         return GPTJConfig(n_embd=64, n_layer=4, n_head=4, n_positions=256, rotary_dim=8, **common)
     if family == "gpt-neox":
-        return GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **common,
-        )
+        return GPTNeoXConfig(**dict(_NEOX, num_hidden_layers=4, **common))
     if family == "llama":
         return LlamaConfig(**llama)
     if family == "mistral":
@@ -112,27 +109,22 @@ def tiny_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A seeded random model of ``family`` and its tokenizer, in eval mode."""
     tok = tiny_tokenizer(TOKENIZER_STYLE.get(family, "sp"))
-    config = _config(family, len(tok))
-    config.name_or_path = f"tiny-{family}"
+    return _seeded(_config(family, len(tok)), family, seed).to(dtype), tok
+
+
+def _seeded(config: PretrainedConfig, name: str, seed: int) -> PreTrainedModel:
+    """The fp32 model of ``config`` from the weights ``seed`` draws, named tiny-``name``."""
+    config.name_or_path = f"tiny-{name}"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(dtype).eval(), tok
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 # Tiny random models of more architectures, each from transformers' own configuration class
-# (hidden width 64, 3 layers, 4 heads, 2 key/value heads where the family has them): what
-# tests/test_architectures.py edits end to end. name -> (configuration class, its settings,
-# tokenizer style, whether the tokenizer adds a BOS). Settings that matter to the engine are
-# set on purpose: soft-capped logits (Gemma 2/3), scaled logits and embeddings (Granite,
-# Cohere), sliding-window and full attention layers side by side (Gemma 2/3, GPT-Neo).
-_GQA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+# (the shapes above): what tests/test_architectures.py edits end to end. name ->
+# (configuration class, its settings, tokenizer style, whether the tokenizer adds a BOS).
+# Settings that matter to the engine are set on purpose: soft-capped logits (Gemma 2/3), scaled
+# logits and embeddings (Granite, Cohere), sliding-window and full attention layers side by side
+# (Gemma 2/3, GPT-Neo).
 _GEMMA = dict(_GQA, head_dim=16, sliding_window=256)
 _MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str, bool]] = {
@@ -143,18 +135,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str, bool]] = {
         "byte",
         False,
     ),
-    "gpt-neox": (
-        "GPTNeoXConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-        ),
-        "byte",
-        False,
-    ),
+    "gpt-neox": ("GPTNeoXConfig", _NEOX, "byte", False),
     "llama": ("LlamaConfig", _GQA, "sp", True),
     "mistral": ("MistralConfig", dict(_GQA, sliding_window=256), "sp", True),
     "qwen2": ("Qwen2Config", _GQA, "byte", False),
@@ -233,7 +214,7 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 def architecture_config(name: str, vocab: int) -> PretrainedConfig | None:
     """The tiny configuration of ``name`` (ARCHITECTURES or REFUSED); None when this
     transformers has no such configuration class."""
-    cls_name, settings = (ARCHITECTURES[name][:2] if name in ARCHITECTURES else REFUSED[name])
+    cls_name, settings = ARCHITECTURES[name][:2] if name in ARCHITECTURES else REFUSED[name]
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         return None
@@ -251,9 +232,4 @@ def tiny_architecture(
     style, bos = ARCHITECTURES[name][2:] if name in ARCHITECTURES else ("byte", False)
     tok = tiny_tokenizer(style, bos)
     config = architecture_config(name, len(tok))
-    if config is None:
-        return None
-    config.name_or_path = f"tiny-{name}"
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval(), tok
+    return None if config is None else (_seeded(config, name, seed), tok)
