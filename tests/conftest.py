@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
+from rrome_cli.engine import edit as edit_module
+from rrome_cli.engine.values import ValueResult
 from rrome_cli.models.tiny import FAMILIES, tiny_model
 
 
@@ -50,3 +53,17 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module in (loading, evaluate_run):  # every module that binds the name
         monkeypatch.setattr(module, "load_model", fail)
+
+
+@pytest.fixture
+def values_seen(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
+    """Let ``edit`` optimise delta as usual, and keep each ValueResult it got."""
+    seen: list[ValueResult] = []
+    real = edit_module.optimise_delta
+
+    def spy(*args: Any, **kwargs: Any) -> ValueResult:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(edit_module, "optimise_delta", spy)
+    return seen

@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 from rrome_cli import compat
 from rrome_cli.cli import app
 from rrome_cli.config import HParams, default_layer
-from rrome_cli.engine import edit as edit_module
 from rrome_cli.engine.edit import edit
 from rrome_cli.engine.keys import templated
 from rrome_cli.engine.packing import PackedPass, Readout
@@ -172,18 +171,11 @@ def test_value_pass_reads_the_model_own_logits(arch: str) -> None:
             close(got, torch.cat(expected), rtol=1e-4)
 
 
-def test_edit_end_to_end(arch: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_edit_end_to_end(arch: str, values_seen: list[ValueResult], tmp_path: Path) -> None:
     model, tok = build(arch)
     names = resolve(model, type(model).__name__).names
     rewrite = model.get_submodule(names.rewrite(LAYER))
-    values: list[ValueResult] = []
-    real = edit_module.optimise_delta
-
-    def spy(*args: Any, **kwargs: Any) -> ValueResult:
-        values.append(real(*args, **kwargs))
-        return values[-1]
-
-    monkeypatch.setattr(edit_module, "optimise_delta", spy)
+    values = values_seen
     before = {k: v.clone() for k, v in model.state_dict().items()}
     k_star = at_subject(model, tok, rewrite, True).mean(0)
     w = weight_as_out_in(rewrite).detach().double().clone()

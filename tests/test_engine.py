@@ -212,19 +212,6 @@ def mlp_outputs(
     return output_at_subject(model, tok, mlp, request, templates, read_input=False)
 
 
-def record_values(monkeypatch: pytest.MonkeyPatch) -> list[ValueResult]:
-    """Let ``edit`` optimise delta as usual, and keep each ValueResult it got."""
-    seen: list[ValueResult] = []
-    real = edit_module.optimise_delta
-
-    def spy(*args: Any, **kwargs: Any) -> ValueResult:
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(edit_module, "optimise_delta", spy)
-    return seen
-
-
 def fix_delta(monkeypatch: pytest.MonkeyPatch, delta_for: Callable[[int], torch.Tensor]) -> None:
     """Replace the value optimisation: layer -> a given delta."""
 
@@ -368,10 +355,10 @@ def test_keys_at_matches_unpadded_forwards(family: str) -> None:
 
 
 def test_r_rome_edit_maps_k_star_to_w_k_star_plus_delta(
-    family: str, monkeypatch: pytest.MonkeyPatch
+    family: str, values_seen: list[ValueResult]
 ) -> None:
     model, tok, names = load(family)
-    values = record_values(monkeypatch)
+    values = values_seen
     keys = reference_keys(model, tok, names, REQUEST, TEMPLATES)
     k_star = keys.mean(0).double()
     outputs_before = mlp_outputs(model, tok, names, REQUEST, TEMPLATES)
@@ -401,9 +388,9 @@ def test_r_rome_edit_maps_k_star_to_w_k_star_plus_delta(
     assert_same_weights(model, before, skip=frozenset({names.rewrite(LAYER) + ".weight"}))
 
 
-def test_rome_edit_maps_the_prompt_key(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rome_edit_maps_the_prompt_key(family: str, values_seen: list[ValueResult]) -> None:
     model, tok, names = load(family)
-    values = record_values(monkeypatch)
+    values = values_seen
     keys = reference_keys(model, tok, names, REQUEST, TEMPLATES).double()
     k_star, k_prompt = keys.mean(0), keys[0]
     z_reference = mlp_outputs(model, tok, names, REQUEST, ["{}"])[0]
