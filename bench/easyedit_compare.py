@@ -15,7 +15,8 @@ record to record so that a drifting machine slows each arm alike:
 - ``rrome --batch N`` (``--batch``, default 4, the best batch on a 2-core CPU; 0 leaves it out):
   the shipped recipe over all the records with N in flight together, after the three arms above.
   Its time per edit is the whole pass over the records divided by their number (a batched edit
-  has no time of its own); each edit is then applied, scored and reverted like the others.
+  has no time of its own); each edit is then scored on its own edited model, as a batched run
+  scores it.
 
 Each edit is timed from request to applied weights (keys, value optimisation, solve, apply; no
 evaluation), then scored with rrome's own metrics against the unedited model, then reverted.
@@ -45,8 +46,7 @@ import torch
 from bench import edit_inputs  # bench/bench.py, beside this script
 from rrome_cli.config import from_dict, load_hparams
 from rrome_cli.engine.edit import edit, edit_independent
-from rrome_cli.engine.update import apply_patch, restore_weight
-from rrome_cli.evaluate.metrics import evaluate_request
+from rrome_cli.evaluate.metrics import evaluate_edits, evaluate_request
 from rrome_cli.models.loading import LoadedModel, load_model
 from rrome_cli.requests import EditRequest, read_requests
 from rrome_cli.run import library_versions
@@ -171,8 +171,9 @@ def compare(loaded: LoadedModel, arms: dict[str, Arm], requests: list[EditReques
 def batched(
     loaded: LoadedModel, raw: dict[str, Any], requests: list[EditRequest], batch: int
 ) -> tuple[float, list[dict]]:
-    """Seconds per edit of rrome's batched pass over ``requests`` and each edit's metrics (its
-    patch applied alone, scored against the unedited model, reverted)."""
+    """Seconds per edit of rrome's batched pass over ``requests`` and each edit's metrics on
+    its own edited model against the unedited one (``evaluate_edits``, the weights untouched,
+    as a batched run scores its edits)."""
     hp = from_dict(raw)
     covariances, templates = edit_inputs(loaded, hp)
     model, tok = loaded.model, loaded.tok
@@ -184,15 +185,9 @@ def batched(
         )
     )
     per_edit = (time.perf_counter() - start) / len(requests)
-    scores = []
-    for request in requests:
-        _, reference = evaluate_request(model, tok, request)
-        originals = [(p.module, apply_patch(model, p)) for p in results[id(request)].patches]
-        post, _ = evaluate_request(model, tok, request, reference)
-        for module, original in reversed(originals):
-            restore_weight(model.get_submodule(module), original)
-        scores.append(_metrics(post))
-    return per_edit, scores
+    patches = [results[id(request)].patches for request in requests]
+    scored = evaluate_edits(model, tok, requests, patches)  # no patch: the unedited model's
+    return per_edit, [_metrics(post if post is not None else pre) for pre, post in scored]
 
 
 def _metrics(scores: dict[str, float]) -> dict[str, float]:
