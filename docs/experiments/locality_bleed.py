@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rrome_cli.engine.hooks import capture_input
 from rrome_cli.models.loading import load_model
 from rrome_cli.patches import load_patches
 
@@ -27,14 +28,8 @@ from rrome_cli.patches import load_patches
 def largest_share(loaded, module: str, left: torch.Tensor, text: str) -> float:
     """max over the tokens of ``text`` but the first of left · k, k the input of ``module``."""
     keys: list[torch.Tensor] = []
-    hook = loaded.model.get_submodule(module).register_forward_pre_hook(
-        lambda _m, args: keys.append(args[0][0].float())
-    )
-    try:
-        ids = loaded.tok(text, return_tensors="pt").input_ids
-        loaded.model(input_ids=ids)
-    finally:
-        hook.remove()
+    with capture_input(loaded.model.get_submodule(module), lambda k: keys.append(k[0].float())):
+        loaded.model(input_ids=loaded.tok(text, return_tensors="pt").input_ids)
     # the first token left out: its keys are outsized in these models (an attention sink), and
     # no prompt's answer depends on it alone
     return (keys[0][1:] @ left.float()).max().item()
