@@ -159,11 +159,14 @@ def resolve_hparams(path: Path | None, model: str | None) -> tuple[HParams, str]
 def check_layers(hp: HParams, model: str | None, where: str) -> None:
     """Before the model loads: every layer to edit exists in it (its configuration says how
     many it has); ``where`` names the file and line that chose them."""
+    from rrome_cli.models.families import UnknownArchitectureError, num_layers
     from rrome_cli.models.loading import load_config
 
-    n_layers = getattr(load_config(model), "num_hidden_layers", None)
-    if isinstance(n_layers, int):
-        hp.check_layers_within(n_layers, where)
+    try:
+        n_layers = num_layers(load_config(model))  # as the default-layer rule counts them
+    except UnknownArchitectureError:
+        return  # no count in the configuration: the model's structure is checked on load
+    hp.check_layers_within(n_layers, where)
 
 
 def layers_origin(path: Path | None, model: str | None) -> str:
