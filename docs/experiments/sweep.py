@@ -3,12 +3,14 @@
     python docs/experiments/sweep.py "stop99: v_stop_prob=0.99, v_num_grad_steps=60" \
         "L3: layers=[3]" \
         [--requests data/counterfact-sample.jsonl] [--limit 20] [--base hparams/smollm2-135m.yaml]
-        [--phrasings data/counterfact-phrasings.json]
+        [--phrasings data/counterfact-phrasings.json] [--fluency 50]
 
 Each change is applied on top of the base YAML (values are YAML: ``layers=[3]``), run through
 the CLI exactly as a user would, and summarised as one JSON line appended to
 ``bench/results/sweep.jsonl`` (post-edit rewrite, rephrase, locality, ES/PS/NS, median steps and
-seconds per edit) and printed.
+seconds per edit) and printed. ``--fluency N``: also fluency pre and post of the first N records
+and how many edited continuations say the new object more than twice (the bench's measure,
+taken from the run's patches).
 """
 
 from __future__ import annotations
@@ -88,8 +90,37 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
         for layers in edits
     ]
     row["seconds_edit"] = round(statistics.median(seconds), 2)
+    row |= same_question(records)
+    if args.fluency:
+        row |= fluency_row(out / "run", args.fluency)
     row["date"] = datetime.now().isoformat(timespec="seconds")
     return row
+
+
+def same_question(records: list[dict]) -> dict:
+    """Rephrase on the CounterFact records whose rephrase asks the same question (both
+    readers' labels, bench/counterfact-rephrase-labels.json); {} where none is labelled."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from rephrase_split import read_labels, rephrase_by_case, split
+
+    labels, second = read_labels()
+    both = split(rephrase_by_case(records, "post"), labels, None, second).get("same, both readers")
+    return {"rephrase_same": round(both["mean"], 3), "same_n": both["n"]} if both else {}
+
+
+def fluency_row(run_dir: Path, limit: int) -> dict:
+    """The bench's fluency pass over the run's first ``limit`` records (issue 35)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench import fluency  # bench/ is not a package
+    from rrome_cli.models.loading import load_model
+
+    stats = fluency(load_model("smollm2-135m"), run_dir, limit)
+    return {
+        "fluency_pre": round(stats["pre"]["mean"], 3),
+        "fluency_post": round(stats["post"]["mean"], 3),
+        "repeats_over_2": stats["post"]["repeats_over_2"],
+        "fluency_n": stats["post"]["repeats_of"],
+    }
 
 
 def main() -> None:
@@ -98,6 +129,7 @@ def main() -> None:
     parser.add_argument("--requests", type=Path, default=ROOT / "data" / "counterfact-sample.jsonl")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--phrasings", type=Path, help="passed on to rrome edit --phrasings")
+    parser.add_argument("--fluency", type=int, default=0, help="fluency of the first N records")
     parser.add_argument("--base", type=Path, default=ROOT / "hparams" / "smollm2-135m.yaml")
     args = parser.parse_args()
     log = ROOT / "bench" / "results" / "sweep.jsonl"
