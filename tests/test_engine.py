@@ -304,16 +304,21 @@ def test_singular_covariance_gets_a_ridge() -> None:
     assert residual < 1e-5 * torch.linalg.matrix_norm(regularised, 2) * x.double().norm()
 
 
+@pytest.mark.parametrize("n_keys", [3, 25])
 @pytest.mark.parametrize("identity", [False, True])
-def test_protected_keys_match_float64(identity: bool) -> None:
-    """protect(k, w) solves against C + w m k k^T / ||k||^2, m = mean eigenvalue of C."""
+def test_protected_keys_match_float64(identity: bool, n_keys: int) -> None:
+    """protect(k, w) solves against C + w m k k^T / ||k||^2, m = mean eigenvalue of C; with
+    25 keys of 40 dimensions, 20 of them are folded into the factor (at 10 and 20) and the
+    other 5 join by Woodbury."""
     d, weight = 40, 30.0
     gen = torch.Generator().manual_seed(21)
     c = torch.eye(d, dtype=torch.float64) if identity else random_spd(d, gen)
     cov = KeyCovariance(None if identity else c.float(), ridge=0.0)
-    earlier = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    earlier = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(n_keys)]
     for k in earlier:
         cov.protect(k.float(), weight)
+    assert len(cov.protected) == n_keys % (d // 4)
+    assert cov.identity == identity  # the base statistics, whatever is folded in
     cov.protect(earlier[0].float(), 0.0)  # weight 0: nothing added
     m = float(c.diagonal().mean())
     c_eff = c + sum(weight * m * torch.outer(k, k) / (k @ k) for k in earlier)
