@@ -28,6 +28,7 @@ import yaml
 from rrome_cli.run import guard_layers
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package: its modules by path
 METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es", "ps", "ns")
 
 
@@ -100,7 +101,6 @@ def run_one(name: str, changes: dict, args: argparse.Namespace) -> dict:
 def same_question(records: list[dict]) -> dict:
     """Rephrase on the CounterFact records whose rephrase asks the same question (both
     readers' labels, bench/counterfact-rephrase-labels.json); {} where none is labelled."""
-    sys.path.insert(0, str(ROOT / "bench"))
     from rephrase_split import read_labels, rephrase_by_case, split
 
     labels, second = read_labels()
@@ -110,8 +110,7 @@ def same_question(records: list[dict]) -> dict:
 
 def fluency_row(run_dir: Path, limit: int) -> dict:
     """The bench's fluency pass over the run's first ``limit`` records (issue 35)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench import fluency  # bench/ is not a package
+    from bench import fluency  # imports the model stack: only with --fluency
     from rrome_cli.models.loading import load_model
 
     stats = fluency(load_model("smollm2-135m"), run_dir, limit)

@@ -149,8 +149,6 @@ def resolve_hparams(path: Path | None, model: str | None) -> tuple[HParams, str]
     source = hparams_file(None, model)
     if source is not None:
         return load_hparams(source), f"shipped for {model or 'smollm2-135m'}: {source.name}"
-    from rrome_cli.models.loading import load_config
-
     hp, why = default_hparams(num_layers(load_config(model)))
     console.print(f"no shipped hparams for {model}: the default recipe, {why}")
     return hp, f"the default recipe ({DEFAULT_RECIPE}.yaml), {why}"
@@ -159,9 +157,6 @@ def resolve_hparams(path: Path | None, model: str | None) -> tuple[HParams, str]
 def check_layers(hp: HParams, model: str | None, where: str) -> None:
     """Before the model loads: every layer to edit exists in it (its configuration says how
     many it has); ``where`` names the file and line that chose them."""
-    from rrome_cli.models.families import UnknownArchitectureError, num_layers
-    from rrome_cli.models.loading import load_config
-
     try:
         n_layers = num_layers(load_config(model))  # as the default-layer rule counts them
     except UnknownArchitectureError:
