@@ -255,6 +255,7 @@ def throughput(
         "x batch 1",
         "peak MiB",
         "plan MiB",
+        "+ reserve",
         "post rewrite / locality",
     ):
         table.add_column(column)
@@ -284,13 +285,17 @@ def throughput(
             row |= {"model": alias, "dtype": dtype_name, "steps_cap": steps, "auto": auto}
             memory_plan = plan(planned, dtype_name, str(device), {key: size}, hp, jobs=row["batch"])
             d = next(d for d in memory_plan.devices if d.device == memory_plan.edit_device)
-            row |= {"auto_24gib": auto_24, "plan_mib": round((d.weights + d.edit) / 2**20)}
+            row |= {
+                "auto_24gib": auto_24,
+                "plan_mib": round((d.weights + d.edit) / 2**20),
+                "plan_reserve_mib": round(d.total / 2**20),  # what must fit: >= peak MiB
+            }
             rows.append(row)
             post = row["post"]
             table.add_row(
                 alias, str(row["batch"]) + (" (auto)" if row["batch"] == auto else ""),
                 str(row["edits"]), f"{row['edits_per_second']:.2f}", f"{row['speedup']:.2f}",
-                str(row["peak_mib"] or "-"), str(row["plan_mib"]),
+                str(row["peak_mib"] or "-"), str(row["plan_mib"]), str(row["plan_reserve_mib"]),
                 f"{post.get('rewrite_acc', 0):.3f} / {post.get('locality', 0):.3f}",
             )  # fmt: skip
         for batch in (1, batches[-2] if len(batches) > 2 else batches[-1]):

@@ -41,6 +41,7 @@ from rrome_cli.memcheck.planning import (
     DevicePlan,
     GiB,
     MemoryPlan,
+    cuda_reserve,
     gib,
     largest_batch,
     parse_max_memory,
@@ -69,6 +70,7 @@ from rrome_cli.models.placement import (
 
 __all__ = [
     "BATCH_GROWTH",
+    "cuda_reserve",
     "device_map",
     "DevicePlan",
     "edit_working_set",

@@ -44,8 +44,12 @@ from rrome_cli.models.registry import DEFAULT_MODEL
 from rrome_cli.models.structure import resolve
 
 GiB = 1 << 30
-# Per GPU, outside the tensors: CUDA context, cuBLAS workspaces, allocator rounding.
+# Per GPU, outside the traced tensors (CUDA context, library workspaces, allocator rounding):
+# half a GiB plus an eighth of the weights placed there. Measured on an H200 (docs/results.md),
+# a whole batch-1 run peaked above weights + traced working set by 0.3 GiB on SmolLM2 and by
+# 1.5 GiB (12% of its weights) on the Llama-2-7B shape, which a fixed half GiB missed.
 CUDA_RESERVE = GiB // 2
+RESERVE_PER_WEIGHT = 1 / 8
 # Each request in flight beyond the first adds this many times what the second adds in a
 # trace (docs/results.md: measured on an H200, 1.52x for SmolLM2, 0.88x for Llama-2-7B).
 BATCH_GROWTH = 1.6
@@ -80,13 +84,18 @@ def parse_max_memory(spec: str) -> dict[int | str, int]:
     return limits
 
 
+def cuda_reserve(weights: int) -> int:
+    """Bytes a GPU holding ``weights`` bytes of parameters needs beyond what a trace sees."""
+    return CUDA_RESERVE + int(weights * RESERVE_PER_WEIGHT)
+
+
 @dataclass
 class DevicePlan:
     device: str  # "cuda:0", "cpu", "disk"
     weights: int
     edit: int  # peak of the edit working set here (beyond the weights)
     stats: int  # peak of the statistics pass here (beyond the weights)
-    reserve: int  # CUDA context and allocator slack
+    reserve: int  # CUDA context, workspaces, allocator slack: cuda_reserve(weights)
     capacity: int
     edited_layers: list[int] = field(default_factory=list)
 
@@ -280,7 +289,7 @@ def _plan(
             weights=weights.get(k, 0),
             edit=edit.get(k, 0),
             stats=stats.get(k, 0),
-            reserve=CUDA_RESERVE if isinstance(k, int) else 0,
+            reserve=cuda_reserve(weights.get(k, 0)) if isinstance(k, int) else 0,
             capacity=limits.get(k, 0),
             edited_layers=edited.get(k, []),
         )
@@ -476,8 +485,11 @@ def _cheapest_fix(
             return f"compute the statistics with --batch-tokens {tokens} (then {summary(p)})"
     if gpus and "cpu" not in limits:
         need = failed.components.get("in_edit", 0) + failed.components.get("cholesky_factor", 0)
+        # Room for weights w such that w + need + cuda_reserve(w) <= v.
         shrunk = {
-            k: max(0, v - need - CUDA_RESERVE) if isinstance(k, int) else v
+            k: max(0, int((v - need - CUDA_RESERVE) / (1 + RESERVE_PER_WEIGHT)))
+            if isinstance(k, int)
+            else v
             for k, v in ((device_key(d), capacity(device_key(d), limits)) for d in gpus)
         }
         offload = {**limits, **shrunk, "cpu": ram_bytes()}
