@@ -184,37 +184,28 @@ def _strip_times(record: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("sequential", "protect", "killed", "rotate"),
+    ("sequential", "protect", "killed"),
     [
-        (False, 0.0, False, False),
-        (True, 0.0, False, False),
-        (True, 100.0, False, False),
-        (False, 0.0, True, False),
-        (True, 100.0, True, False),
-        (True, 100.0, True, True),
+        (False, 0.0, False),
+        (True, 0.0, False),
+        (True, 100.0, False),
+        (False, 0.0, True),
+        (True, 100.0, True),
     ],
 )
 def test_resume_after_crash_matches_uninterrupted_run(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    sequential: bool,
-    protect: float,
-    killed: bool,
-    rotate: bool,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sequential: bool, protect: float, killed: bool
 ) -> None:
     """A resumed run gives the uninterrupted run's report and patches: independent runs keep
     the patches made before the crash; sequential ones re-apply them and re-protect their keys.
     Each edit's patches go to a file of their own as it is made (the run's patch file is not
     rewritten per edit); ``killed``: the run dies without folding them into patches.safetensors
-    (SIGKILL), and the resume takes them from there. ``rotate``: layers [1, 2] in turn, one
-    patch an edit, the resume keeping each request's layer."""
+    (SIGKILL), and the resume takes them from there."""
     from dataclasses import replace
 
     from rich.console import Console
 
     hp = replace(load_hparams(shipped_hparams("tiny-llama")), protect_weight=protect)
-    if rotate:
-        hp = replace(hp, layers=[1, 2], rotate_layers=True)
     console = Console(stderr=True, quiet=True)
 
     def options(out: Path) -> RunOptions:
@@ -265,8 +256,6 @@ def test_resume_after_crash_matches_uninterrupted_run(
     cut, full = (load_patches(d / "patches.safetensors") for d in (tmp_path / "cut", full_dir))
     case_ids = [str(r["case_id"]) for r in report(full_dir)]  # case 0 is named "0" too
     assert [p.request for p in cut] == [p.request for p in full] == case_ids
-    if rotate:
-        assert [p.layer for p in full] == [p.layer for p in cut] == [1, 2, 1, 2]
     for a, b in zip(cut, full, strict=True):
         assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
 
@@ -376,29 +365,6 @@ def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
     assert (out / "model" / "model.safetensors").exists()
     page = (out / "report.html").read_text()
     assert "final model (retrospective) by edit" in page
-
-
-def test_rotate_layers_edits_one_layer_a_request_in_turn(tmp_path: Path) -> None:
-    """``rotate_layers``: request i of a sequential run edits layers[i % len(layers)] alone
-    (its keys protected in that layer's C); an independent run refuses it, naming the key."""
-    from rrome_cli.patches import load_patches
-
-    recipe = (shipped_hparams("tiny-llama").read_text().replace("layers: [1]", "layers: [2, 1]"))
-    hparams = tmp_path / "rotate.yaml"
-    hparams.write_text(recipe + "protect_weight: 100\nrotate_layers: true\n")
-    line = hparams.read_text().splitlines().index("rotate_layers: true") + 1
-    base = ("--model", "tiny-llama", "--hparams", str(hparams), "--limit", "3")
-    refused = run("edit", str(SAMPLE), *base, "--out", str(tmp_path / "ind"))
-    assert refused.exit_code == 2
-    assert f"rotate.yaml:{line}" in unwrapped(refused.stderr) and "--sequential" in refused.stderr
-    assert not (tmp_path / "ind").exists()
-    out = tmp_path / "seq"
-    result = run("edit", str(SAMPLE), *base, "--sequential", "--out", str(out))
-    assert result.exit_code == 0, result.stderr
-    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in records] == ["applied"] * 3
-    assert [p.layer for p in load_patches(out / "patches.safetensors")] == [2, 1, 2]
-    assert all("layers" not in r["guard"] for r in records)  # one layer's guard each
 
 
 def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:

@@ -349,12 +349,6 @@ def edit_cmd(
                 hp.variant = variant
             dtype = _dtype(fp16, bf16)
             check_layers(hp, model, layers_origin(hparams, model))
-            if hp.rotate_layers and not sequential:
-                raise HParamsError(
-                    f"{key_location(hparams_file(hparams, model) or 'hparams', 'rotate_layers')}: "
-                    "rotate_layers applies to --sequential runs (each edit of an independent "
-                    "run starts from the unedited model); add --sequential or drop it"
-                )
             opts = RunOptions(
                 requests=requests,
                 fmt=_format(fmt),

@@ -110,9 +110,6 @@ class HParams:
     mom2_ridge: float = 1e-6  # lambda = mom2_ridge * mean(diag C), for the Cholesky solve
     # sequential runs: each applied edit's keys join C at this weight, to keep it; 0: R-ROME
     protect_weight: float = 0.0
-    # sequential runs: request i edits only layers[i % len(layers)], one rank-one update an
-    # edit, so the run's protected keys spread over several layers' key spaces
-    rotate_layers: bool = False
     context_template_length_params: list[list[int]] = field(  # [tokens, count] of prefixes
         default_factory=lambda: [[5, 10], [10, 10]]
     )
@@ -144,16 +141,6 @@ class HParams:
                 raise HParamsError(f"{name} must be {must}, got {value!r}", name)
         self._check_layers()
         self._check_template_lengths()
-
-    def layers_of(self, index: int) -> list[int]:
-        """The layers that request ``index`` of a run edits."""
-        if self.rotate_layers:
-            return [self.layers[index % len(self.layers)]]
-        return list(self.layers)
-
-    @property
-    def patches_per_edit(self) -> int:
-        return 1 if self.rotate_layers else len(self.layers)
 
     def _check_layers(self) -> None:
         layers = self.layers

@@ -93,8 +93,7 @@ def merge_ranks(out: Path, ranks: int, hp: HParams) -> dict[str, Any]:
         own = done_records(run / "report.jsonl")
         made = load_patches(run / "patches.safetensors")
         for record in (r for r in own if r.get("status") == "applied"):
-            n = hp.patches_per_edit
-            patches[record["index"]], made = made[:n], made[n:]
+            patches[record["index"]], made = made[: len(hp.layers)], made[len(hp.layers) :]
         records += own
         failed += json.loads((run / "summary.json").read_text()).get("failed_internal", 0)
     records.sort(key=lambda r: r["index"])

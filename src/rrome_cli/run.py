@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -223,8 +223,7 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         loaded.model, loaded.tok, request, fluency=opts.fluency, seed=opts.seed + index
     )
     record = _record(index, request) | {"pre": pre}
-    hp = replace(state.hp, layers=state.hp.layers_of(index))  # rotate_layers: one of them
-    for layer in hp.layers:  # remember W0 before the first edit of each module
+    for layer in state.hp.layers:  # remember W0 before the first edit of each module
         name = loaded.names.rewrite(layer)
         w = weight_as_out_in(loaded.model.get_submodule(name))
         state.base_weights.setdefault(name, w.detach().float().clone())
@@ -232,7 +231,7 @@ def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any
         loaded.model,
         loaded.tok,
         request,
-        hp,
+        state.hp,
         loaded.names,
         state.covariances,
         state.templates,
@@ -626,14 +625,14 @@ def keep_reported_patches(state: RunState, report: Path) -> None:
     """Drop the patches of an edit whose report line was never written: an interruption
     between the two leaves one edit more in memory than the report holds (a resume makes
     it again). The report on disk is the record of what was done."""
-    del state.patches[applied(done_records(report)) * state.hp.patches_per_edit :]
+    del state.patches[applied(done_records(report)) * len(state.hp.layers) :]
 
 
 def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
     """Take back the patches of the records the report holds (``reported_patches``) and fold
     them; a sequential run also re-applies them, bringing the model back to where the
     interrupted run stood."""
-    state.patches = reported_patches(state.out, previous, state.hp.patches_per_edit)
+    state.patches = reported_patches(state.out, previous, len(state.hp.layers))
     save_run_patches(state)
     if not state.opts.sequential:
         return
@@ -647,7 +646,7 @@ def resume_patches(state: RunState, previous: list[dict[str, Any]]) -> None:
 def check_resume(out: Path, hp: HParams, opts: RunOptions) -> None:
     """Before the model loads: ``--resume out`` can keep its report and patches in step, and
     will replace no model folder that rrome did not write."""
-    check_journal(out, hp.patches_per_edit)
+    check_journal(out, len(hp.layers))
     if opts.save_model:
         check_model_target(out / "model")
 
