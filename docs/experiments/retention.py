@@ -26,13 +26,13 @@ METRICS = ("rewrite_acc", "rephrase_acc", "locality", "es")
 
 
 def retention(run_dir: Path, after: int, first: int) -> dict:
-    _, hp, opts = load_run(run_dir)
+    prov, hp, opts = load_run(run_dir)
     records = done_records(run_dir / "report.jsonl")
     if len(records) < after or any(r.get("status") != "applied" for r in records[:after]):
         raise SystemExit(f"{run_dir}: fewer than {after} edits, or some not applied")
     patches = reported_patches(run_dir, records[:after], len(hp.layers))
     requests = list(read_requests(opts.requests, limit=first))
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(prov["model"])  # the run's model (alias, path or hub id)
     unedited = evaluate_requests(loaded.model, loaded.tok, requests)
     for patch in patches:
         apply_patch(loaded.model, patch)

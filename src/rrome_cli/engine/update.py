@@ -65,9 +65,10 @@ class KeyCovariance:
             return
         row = key.double() * math.sqrt(weight * self.mean_eigenvalue) / key.double().norm()
         self.protected.append(row)
-        self.c_inv_protected.append(self._solve_base(row.float()).double())
         if len(self.protected) >= max(1, len(row) // 4):
-            self._fold()
+            self._fold()  # a new factor: no C^-1 row to keep for Woodbury
+        else:
+            self.c_inv_protected.append(self._solve_base(row.float()).double())
 
     def _fold(self) -> None:
         """The protected keys into the factor: L' L'^T = L L^T + P^T P (float64, kept fp32)."""
