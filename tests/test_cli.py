@@ -367,6 +367,46 @@ def test_sequential_accumulates_patches_and_saves_model(tmp_path: Path) -> None:
     assert "final model (retrospective) by edit" in page
 
 
+def test_sequential_records_how_full_the_protected_keys_are(tmp_path: Path) -> None:
+    """Each applied edit's report line says protected keys / key dimensions so far: every key
+    its patch keeps (k*, the bare prompt's, those after the subject) counts once."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    hp = replace(load_hparams(shipped_hparams("tiny-llama")), protect_weight=3.0)
+    opts = RunOptions(requests=str(SAMPLE), limit=3, out=tmp_path / "run", sequential=True)
+    out, _ = run_edits(load_model("tiny-llama"), hp, opts, Console(stderr=True, quiet=True))
+    records = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]
+    patches = load_patches(out / "patches.safetensors")
+    d_in = patches[0].left.shape[0]
+    held = 0
+    for record, patch in zip(records, patches, strict=True):
+        held += patch.keys.shape[0]
+        assert record["guard"]["key_fill"] == pytest.approx(held / d_in, abs=1e-4)
+    assert 0 < held < d_in
+    assert json.loads((out / "summary.json").read_text())["keys_full"] is None
+
+
+def test_summary_warns_once_the_protected_keys_outnumber_the_key_dimensions() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    records = [
+        {"index": i, "guard": {"update_ratio": 0.01, "cumulative_ratio": 0.1, "key_fill": fill}}
+        for i, fill in enumerate([0.4, 0.8, 1.2, 1.6])
+    ]
+    state = SimpleNamespace(baseline_entropy=None)
+    console = Console(record=True, width=200)
+    summary = run_module.sequential_summary(state, records, console)
+    assert summary["keys_full"]["index"] == 2 and not summary["collapsed"]
+    assert "from edit 2 the protected keys outnumber" in console.export_text()
+    quiet = Console(record=True, width=200)
+    assert run_module.sequential_summary(state, records[:2], quiet)["keys_full"] is None
+    assert "protected keys" not in quiet.export_text()
+
+
 def test_max_update_ratio_rejects_and_carries_on(tmp_path: Path) -> None:
     out = tmp_path / "rej"
     result = run(

@@ -318,6 +318,7 @@ def test_protected_keys_match_float64(identity: bool, n_keys: int) -> None:
     for k in earlier:
         cov.protect(k.float(), weight)
     assert len(cov.protected) == n_keys % (d // 4)
+    assert cov.held == n_keys and cov.fill == pytest.approx(n_keys / d)  # folded keys count too
     assert cov.identity == identity  # the base statistics, whatever is folded in
     cov.protect(earlier[0].float(), 0.0)  # weight 0: nothing added
     m = float(c.diagonal().mean())

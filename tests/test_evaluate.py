@@ -26,6 +26,7 @@ from rrome_cli.evaluate import (
     evaluate_requests,
     first_collapse,
     first_drift,
+    first_keys_full,
     generate,
     n_gram_entropy,
     normalised_word_entropy,
@@ -339,6 +340,12 @@ def test_collapse_rule():
     assert first_collapse(drifting, 0.80) is None
     assert first_drift(drifting).index == 5
     assert first_drift(records[:5]) is None
+    # protected keys outnumbering the key dimensions: a warning too
+    full = [{**r, "guard": {**r["guard"], "key_fill": 0.6 * i}} for i, r in enumerate(drifting)]
+    signals = collapse_signals(full)
+    assert [(s.index, s.reason) for s in signals] == [(5, "drift"), (5, "keys full")]
+    assert first_keys_full(full).index == 5 and first_collapse(full, 0.80) is None
+    assert first_keys_full(records) is None
 
 
 # ---- summary and report -------------------------------------------------------------------

@@ -42,6 +42,8 @@ class KeyCovariance:
         self.factor: torch.Tensor | None = None  # None: I, nothing folded in yet
         self.protected: list[torch.Tensor] = []  # sqrt(w m) k_i / ||k_i||, (d_in,) float64
         self.c_inv_protected: list[torch.Tensor] = []  # C^-1 of each, (d_in,) float64
+        self.held = 0  # keys protected so far, folded in or not
+        self.d_in: int | None = None  # known once a key is protected
         if mom2 is None:
             return
         # One d x d copy of C and its factor: the ridge goes onto the copy's diagonal in place.
@@ -65,10 +67,17 @@ class KeyCovariance:
             return
         row = key.double() * math.sqrt(weight * self.mean_eigenvalue) / key.double().norm()
         self.protected.append(row)
+        self.held, self.d_in = self.held + 1, len(row)
         if len(self.protected) >= max(1, len(row) // 4):
             self._fold()  # a new factor: no C^-1 row to keep for Woodbury
         else:
             self.c_inv_protected.append(self._solve_base(row.float()).double())
+
+    @property
+    def fill(self) -> float:
+        """Protected keys per key dimension. Past 1 no update can leave every protected key
+        alone, and earlier edits wear faster (docs/experiments/sequential.md)."""
+        return self.held / self.d_in if self.d_in else 0.0
 
     def _fold(self) -> None:
         """The protected keys into the factor: L' L'^T = L L^T + P^T P (float64, kept fp32)."""

@@ -5,6 +5,7 @@ from rrome_cli.evaluate.collapse import (
     collapse_signals,
     first_collapse,
     first_drift,
+    first_keys_full,
 )
 from rrome_cli.evaluate.fluency import (
     generate,
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate_requests",
     "first_collapse",
     "first_drift",
+    "first_keys_full",
     "generate",
     "n_gram_entropy",
     "normalised_word_entropy",

@@ -213,11 +213,11 @@ def _sequential(
             plots.append(line_svg(title, running_mean(series, window)))
     charts = [
         (
-            "update norms against edits",
+            "update norms and protected keys (per key dimension) against edits",
             lambda r: {
                 k: v
                 for k, v in (r.get("guard") or {}).items()
-                if k in ("update_ratio", "cumulative_ratio")
+                if k in ("update_ratio", "cumulative_ratio", "key_fill")
             },
         ),
         ("probe entropy against edits", lambda r: {"probe_entropy": r.get("probe_entropy")}),
