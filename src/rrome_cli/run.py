@@ -218,8 +218,7 @@ def _cumulative_ratio(state: RunState, result: EditResult) -> float:
 
 def _key_fill(state: RunState, result: EditResult) -> float:
     """max over edited layers of protected keys / key dimensions (sequential runs)."""
-    fills = [state.covariances[e.layer].fill for e in result.layers if e.layer in state.covariances]
-    return round(max(fills, default=0.0), 4)
+    return round(max(state.covariances[e.layer].fill for e in result.layers), 4)
 
 
 def edit_one(state: RunState, index: int, request: EditRequest) -> dict[str, Any]:

@@ -83,22 +83,29 @@ def collapse_signals(
 COLLAPSE_REASONS = ("entropy", "update blow-up")
 
 
+def _first(
+    records: Sequence[Mapping[str, Any]],
+    reasons: tuple[str, ...],
+    baseline_entropy: float | None = None,
+    **rule: Any,
+) -> CollapseSignal | None:
+    signals = collapse_signals(records, baseline_entropy, **rule)
+    return next((s for s in signals if s.reason in reasons), None)
+
+
 def first_collapse(
     records: Sequence[Mapping[str, Any]], baseline_entropy: float | None = None, **rule: Any
 ) -> CollapseSignal | None:
     """The earliest entropy or update blow-up signal, or None if the run never collapsed."""
-    signals = collapse_signals(records, baseline_entropy, **rule)
-    return next((s for s in signals if s.reason in COLLAPSE_REASONS), None)
+    return _first(records, COLLAPSE_REASONS, baseline_entropy, **rule)
 
 
 def first_drift(records: Sequence[Mapping[str, Any]], **rule: Any) -> CollapseSignal | None:
     """The earliest edit whose accumulated change passed the drift limit (a warning)."""
-    signals = collapse_signals(records, None, **rule)
-    return next((s for s in signals if s.reason == "drift"), None)
+    return _first(records, ("drift",), **rule)
 
 
 def first_keys_full(records: Sequence[Mapping[str, Any]]) -> CollapseSignal | None:
     """The earliest edit after which the protected keys outnumber the key dimensions (a
     warning)."""
-    signals = collapse_signals(records, None)
-    return next((sig for sig in signals if sig.reason == "keys full"), None)
+    return _first(records, ("keys full",))
